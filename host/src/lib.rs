@@ -1,0 +1,1 @@
+//! kvant host: plugin registry, checkpoint I/O, the quantization lifecycle, evaluation.
