@@ -1,10 +1,43 @@
-//! The kvant quantization-method contract.
+//! # The kvant quantization-method contract
+//!
+//! A quantization method for kvant is a Rust type implementing [`QuantMethod`], compiled as a
+//! `cdylib` and exported with [`export_plugin!`]. The host (`kvant`) loads the library at run
+//! time, checks that it speaks a compatible contract version, and drives the method through the
+//! Hugging Face `HfQuantizer` lifecycle. Nothing in the trait is FFI: the types that cross the
+//! library boundary live in [`ffi`], which authors never need.
+//!
+//! ```ignore
+//! use kvant_plugin_api::*;
+//!
+//! struct MyMethod;
+//! impl QuantMethod for MyMethod { /* ... */ }
+//!
+//! export_plugin!(MyMethod);
+//! ```
+//!
+//! `plugins/rtn` in the kvant repository is a complete, short example.
 
+pub mod config;
+pub mod dense;
+pub mod ffi;
+pub mod method;
+mod runtime;
 pub mod tensor;
 
+pub use config::{Config, ConfigProblem, OptionKind, OptionSpec};
+pub use method::{
+    Environment, Flags, MethodInfo, Module, ModuleKind, ModulePlan, ModuleTensors, NoCalibration, Observer, Plan,
+    QuantMethod, Quantized, Result, Skeleton, Summary,
+};
+pub use runtime::{progress, threads};
 pub use tensor::{DType, Tensor, TensorSpec, TensorView};
 
-/// An error a plugin reports to the host: a message meant for the user.
+/// Version of the contract this crate defines. A plugin is loadable by a host with the same
+/// major version; minor releases only append (see the compatibility policy in the README).
+pub const CONTRACT_VERSION: &str = "1.0.0";
+
+/// An error a plugin reports to the host: a message meant for the user. Name the module,
+/// tensor or option at fault; the host adds the method and file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Error(pub String);
 
@@ -22,3 +55,57 @@ impl std::fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// Re-exports the macro's expansion needs, so plugins depend on `kvant-plugin-api` alone.
+#[doc(hidden)]
+pub mod __private {
+    pub use abi_stable::library::{LibHeader, __call_root_module_loader, CheckTypeLayout, RootModuleResult};
+    pub use abi_stable::std_types::{RResult, RString, RVec};
+}
+
+/// Exports one or more methods from a plugin library:
+/// `export_plugin!(Nf4::new(), Fp4::new(), Int8::new());`.
+///
+/// Use it once, at the root of a crate built with `crate-type = ["cdylib"]`. The expressions
+/// run when the host loads the library; a panic there is reported, not a crash.
+#[macro_export]
+macro_rules! export_plugin {
+    ($($method:expr),+ $(,)?) => {
+        #[doc(hidden)]
+        pub extern "C" fn __kvant_methods() -> $crate::__private::RResult<
+            $crate::__private::RVec<$crate::ffi::FfiMethodBox>,
+            $crate::__private::RString,
+        > {
+            $crate::ffi::build_methods(|| ::std::vec![$($crate::ffi::method_box($method)),+])
+        }
+
+        #[doc(hidden)]
+        pub fn __kvant_root_module() -> $crate::ffi::PluginModRef {
+            $crate::ffi::root_module(__kvant_methods)
+        }
+
+        // The name abi_stable's loader looks up (`abi_stable::library::ROOT_MODULE_LOADER_NAME`;
+        // a test in kvant-plugin-api keeps the two equal).
+        #[doc(hidden)]
+        #[no_mangle]
+        pub static _1as_0lib_1header_0root_bmodule_bloader: $crate::__private::LibHeader = {
+            extern "C" fn load() -> $crate::__private::RootModuleResult {
+                $crate::__private::__call_root_module_loader(__kvant_root_module)
+            }
+            unsafe {
+                $crate::__private::LibHeader::from_constructor::<$crate::ffi::PluginModRef>(
+                    load,
+                    $crate::__private::CheckTypeLayout::Yes,
+                )
+            }
+        };
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn export_symbol_is_abi_stables_loader_name() {
+        assert_eq!(abi_stable::library::ROOT_MODULE_LOADER_NAME, "_1as_0lib_1header_0root_bmodule_bloader");
+    }
+}
