@@ -319,6 +319,19 @@ impl Checkpoint {
     }
 }
 
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("model_dir", &self.model_dir)
+            .field(
+                "shards",
+                &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>(),
+            )
+            .field("tensors", &self.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Reads `config.json`, reporting the line and column of a syntax error.
 fn read_config(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).with_context(|| {
@@ -327,14 +340,7 @@ fn read_config(path: &Path) -> Result<Value> {
             path.display()
         )
     })?;
-    let config: Value = serde_json::from_str(&text).map_err(|e| {
-        anyhow::anyhow!(
-            "{} is not valid JSON: line {} column {}: {e}",
-            path.display(),
-            e.line(),
-            e.column()
-        )
-    })?;
+    let config = parse_json(path, &text)?;
     if !config.is_object() {
         bail!(
             "{} must hold a JSON object, found {}",
@@ -343,6 +349,16 @@ fn read_config(path: &Path) -> Result<Value> {
         );
     }
     Ok(config)
+}
+
+/// Parses the text of a JSON file; serde_json's message carries the line and column.
+fn parse_json(path: &Path, text: &str) -> Result<Value> {
+    serde_json::from_str(text).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not valid JSON: {e}; fix or re-download the file",
+            path.display()
+        )
+    })
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -361,14 +377,7 @@ fn json_kind(v: &Value) -> &'static str {
 fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<(PathBuf, Vec<String>)>> {
     let text = std::fs::read_to_string(index)
         .with_context(|| format!("cannot read {}", index.display()))?;
-    let value: Value = serde_json::from_str(&text).map_err(|e| {
-        anyhow::anyhow!(
-            "{} is not valid JSON: line {} column {}: {e}",
-            index.display(),
-            e.line(),
-            e.column()
-        )
-    })?;
+    let value = parse_json(index, &text)?;
     let weight_map = value
         .get("weight_map")
         .and_then(Value::as_object)
@@ -415,8 +424,8 @@ fn resolve_shard(dir: &Path, real_dir: &Path, shard: &str) -> Result<PathBuf> {
             .all(|c| matches!(c, Component::Normal(_)))
     {
         bail!(
-            "refusing shard path `{shard}`: it must be a plain file name inside the model folder \
-             (no absolute path, no `..`); the index may be malicious or corrupt"
+            "refusing shard path `{shard}`: shard paths must stay inside the model folder \
+             (relative, without `.` or `..` components); the index may be malicious or corrupt"
         );
     }
     let path = dir.join(relative);

@@ -487,6 +487,17 @@ impl CheckpointWriter {
     }
 }
 
+impl std::fmt::Debug for CheckpointWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointWriter")
+            .field("out_dir", &self.out_dir)
+            .field("temp_dir", &self.temp_dir)
+            .field("shards", &self.shard_file_names())
+            .field("tensors", &self.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for CheckpointWriter {
     fn drop(&mut self) {
         if !self.installed {
