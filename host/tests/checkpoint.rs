@@ -873,11 +873,52 @@ fn index_paths_escaping_the_folder_are_refused() {
     assert_contains(
         &open_error(dir.path()),
         &[
-            "refusing shard",
-            "link.safetensors",
+            "shard `link.safetensors`",
+            "refusing",
+            "is a link to",
             "outside the model folder",
         ],
     );
+}
+
+#[test]
+fn files_linking_outside_the_folder_are_not_read_or_copied() {
+    let outside = TempDir::new().unwrap();
+    let secret_json = outside.path().join("credentials.json");
+    fs::write(&secret_json, r#"{"token": "secret"}"#).unwrap();
+    let weights = outside.path().join("weights.safetensors");
+    fs::write(&weights, reference_file(&sample_tensors())).unwrap();
+
+    let dir = model_dir(&[("model.safetensors", &reference_file(&sample_tensors()))]);
+    std::os::unix::fs::symlink(&secret_json, dir.path().join("tokenizer.json")).unwrap();
+    std::os::unix::fs::symlink(&secret_json, dir.path().join("generation_config.json")).unwrap();
+    fs::write(dir.path().join("special_tokens_map.json"), "{}").unwrap();
+    let checkpoint = Checkpoint::open(dir.path()).unwrap();
+    assert_eq!(
+        checkpoint.companion_files(),
+        [dir.path().join("special_tokens_map.json")]
+    );
+
+    fs::remove_file(dir.path().join("config.json")).unwrap();
+    std::os::unix::fs::symlink(&secret_json, dir.path().join("config.json")).unwrap();
+    assert_contains(
+        &open_error(dir.path()),
+        &["refusing", "config.json", "outside the model folder"],
+    );
+
+    let dir = model_dir(&[]);
+    std::os::unix::fs::symlink(&weights, dir.path().join("model.safetensors")).unwrap();
+    assert_contains(
+        &open_error(dir.path()),
+        &["refusing", "model.safetensors", "outside the model folder"],
+    );
+}
+
+#[test]
+fn checkpoint_and_writer_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Checkpoint>();
+    assert_send_sync::<CheckpointWriter>();
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Reading a Hugging Face checkpoint: memory-mapped safetensors shards, `config.json` and the
 //! side files (tokenizer, generation config...) that a saved model carries along.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Component, Path, PathBuf};
 
@@ -108,13 +108,14 @@ impl Checkpoint {
         if meta.is_file() {
             return Self::open_file(path);
         }
-        let config = read_config(&path.join(CONFIG_FILE))?;
-        let single = path.join(SINGLE_FILE);
-        let index = path.join(INDEX_FILE);
+        let folder = ModelFolder::new(path)?;
+        let config = read_config(&folder.file(CONFIG_FILE)?)?;
+        let single = folder.file(SINGLE_FILE)?;
+        let index = folder.file(INDEX_FILE)?;
         let shard_paths = if single.is_file() {
             vec![(single, Vec::new())]
         } else if index.is_file() {
-            shards_from_index(path, &index)?
+            shards_from_index(&folder, &index)?
         } else {
             let hint = if path.join("pytorch_model.bin").exists()
                 || path.join("pytorch_model.bin.index.json").exists()
@@ -135,7 +136,7 @@ impl Checkpoint {
             shards: Vec::new(),
             entries: Vec::new(),
             by_name: HashMap::new(),
-            companion_files: companion_files(path)?,
+            companion_files: companion_files(&folder)?,
         };
         for (shard_path, indexed_names) in shard_paths {
             checkpoint.add_shard(shard_path, &indexed_names, &index)?;
@@ -167,8 +168,13 @@ impl Checkpoint {
         let parsed = header::parse(&mmap)
             .with_context(|| format!("invalid safetensors file {}", path.display()))?;
 
+        let stored: HashSet<&str> = parsed
+            .tensors
+            .iter()
+            .map(|t| t.spec.name.as_str())
+            .collect();
         for name in indexed_names {
-            if !parsed.tensors.iter().any(|t| &t.spec.name == name) {
+            if !stored.contains(name.as_str()) {
                 bail!(
                     "{} says tensor `{name}` is in {}, but that file has no such tensor: \
                      the download is incomplete or the index is stale",
@@ -177,6 +183,7 @@ impl Checkpoint {
                 );
             }
         }
+        let indexed: HashSet<&str> = indexed_names.iter().map(String::as_str).collect();
         let shard = self.shards.len();
         for HeaderTensor { spec, begin, end } in parsed.tensors {
             if let Some(&other) = self.by_name.get(&spec.name) {
@@ -187,7 +194,7 @@ impl Checkpoint {
                     path.display()
                 );
             }
-            if !indexed_names.is_empty() && !indexed_names.contains(&spec.name) {
+            if !indexed.is_empty() && !indexed.contains(spec.name.as_str()) {
                 log::warn!(
                     "{} holds tensor `{}` that {} does not list; reading it anyway",
                     path.display(),
@@ -374,7 +381,7 @@ fn json_kind(v: &Value) -> &'static str {
 
 /// Reads the index and resolves each shard it names, with the tensors it places there, shards
 /// in file-name order. Refuses shard paths that leave the model folder.
-fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<(PathBuf, Vec<String>)>> {
+fn shards_from_index(folder: &ModelFolder, index: &Path) -> Result<Vec<(PathBuf, Vec<String>)>> {
     let text = std::fs::read_to_string(index)
         .with_context(|| format!("cannot read {}", index.display()))?;
     let value = parse_json(index, &text)?;
@@ -394,13 +401,10 @@ fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<(PathBuf, Vec<Strin
         by_shard.entry(shard).or_default().push(tensor.clone());
     }
 
-    let real_dir = dir
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", dir.display()))?;
     by_shard
         .into_iter()
         .map(|(shard, names)| {
-            let path = resolve_shard(dir, &real_dir, shard).with_context(|| {
+            let path = resolve_shard(folder, shard).with_context(|| {
                 format!(
                     "{} maps tensor `{}` to shard `{shard}`",
                     index.display(),
@@ -412,11 +416,9 @@ fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<(PathBuf, Vec<Strin
         .collect()
 }
 
-/// Resolves a shard path from an index, refusing anything outside the model folder: absolute
-/// paths, `..`, and symlinks whose target lies elsewhere. One exception: a Hugging Face cache
-/// snapshot (`<repo>/snapshots/<rev>/`) links its files into `<repo>/blobs/`, which is part of
-/// the same download.
-fn resolve_shard(dir: &Path, real_dir: &Path, shard: &str) -> Result<PathBuf> {
+/// Resolves a shard path from an index, refusing absolute paths and `.`/`..` components
+/// before looking at the file system, then links leading out of the folder.
+fn resolve_shard(folder: &ModelFolder, shard: &str) -> Result<PathBuf> {
     let relative = Path::new(shard);
     if shard.is_empty()
         || !relative
@@ -428,34 +430,66 @@ fn resolve_shard(dir: &Path, real_dir: &Path, shard: &str) -> Result<PathBuf> {
              (relative, without `.` or `..` components); the index may be malicious or corrupt"
         );
     }
-    let path = dir.join(relative);
+    let path = folder.file(shard)?;
     if !path.exists() {
         bail!(
             "shard {} is missing: download the complete checkpoint (every file the index lists)",
             path.display()
         );
     }
-    let real = path
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", path.display()))?;
-    let in_hf_cache_blobs = real_dir
-        .parent()
-        .filter(|p| p.ends_with("snapshots"))
-        .and_then(Path::parent)
-        .is_some_and(|repo| real.starts_with(repo.join("blobs")));
-    if !real.starts_with(real_dir) && !in_hf_cache_blobs {
-        bail!(
-            "refusing shard {}: it is a link to {}, outside the model folder; \
-             copy the file into the folder if you trust it",
-            path.display(),
-            real.display()
-        );
-    }
     Ok(path)
 }
 
-/// The companion files present in `dir`, sorted by name.
-fn companion_files(dir: &Path) -> Result<Vec<PathBuf>> {
+/// A model folder, resolved once so that every file read from it can be checked to really lie
+/// inside it: a link to elsewhere could make kvant read, or copy into its output, a file the
+/// user never meant to share.
+struct ModelFolder {
+    dir: PathBuf,
+    real_dir: PathBuf,
+}
+
+impl ModelFolder {
+    fn new(dir: &Path) -> Result<ModelFolder> {
+        let real_dir = dir
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", dir.display()))?;
+        Ok(ModelFolder {
+            dir: dir.to_path_buf(),
+            real_dir,
+        })
+    }
+
+    /// `dir/relative`, refused when it exists but resolves outside the folder. One exception:
+    /// a Hugging Face cache snapshot (`<repo>/snapshots/<rev>/`) links its files into
+    /// `<repo>/blobs/`, which belongs to the same download.
+    fn file(&self, relative: &str) -> Result<PathBuf> {
+        let path = self.dir.join(relative);
+        let Ok(real) = path.canonicalize() else {
+            // Missing (or a dangling link): the caller reports it in its own terms.
+            return Ok(path);
+        };
+        let in_hf_cache_blobs = self
+            .real_dir
+            .parent()
+            .filter(|p| p.ends_with("snapshots"))
+            .and_then(Path::parent)
+            .is_some_and(|repo| real.starts_with(repo.join("blobs")));
+        if !real.starts_with(&self.real_dir) && !in_hf_cache_blobs {
+            bail!(
+                "refusing {}: it is a link to {}, outside the model folder; \
+                 copy the file into the folder if you trust it",
+                path.display(),
+                real.display()
+            );
+        }
+        Ok(path)
+    }
+}
+
+/// The companion files present in the folder, sorted by name. One that links outside the
+/// folder is left out with a warning rather than copied into the output.
+fn companion_files(folder: &ModelFolder) -> Result<Vec<PathBuf>> {
+    let dir = &folder.dir;
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
@@ -463,8 +497,13 @@ fn companion_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let Some(name) = name.to_str() else { continue };
         let is_remote_code =
             name.ends_with(".py") && REMOTE_CODE_PREFIXES.iter().any(|p| name.starts_with(p));
-        if (COMPANION_FILES.contains(&name) || is_remote_code) && entry.path().is_file() {
-            found.push(entry.path());
+        if !(COMPANION_FILES.contains(&name) || is_remote_code) {
+            continue;
+        }
+        match folder.file(name) {
+            Ok(path) if path.is_file() => found.push(path),
+            Ok(_) => {}
+            Err(e) => log::warn!("not copying {name}: {e:#}"),
         }
     }
     found.sort();

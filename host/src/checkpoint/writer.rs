@@ -52,7 +52,7 @@ const PENDING: u8 = 0;
 const WRITING: u8 = 1;
 const DONE: u8 = 2;
 
-/// Distinguishes temporary folders of several writers in one process.
+/// Distinguishes the temporary folders (new and set-aside outputs) of writers in one process.
 static NEXT_TEMP_ID: AtomicUsize = AtomicUsize::new(0);
 
 struct ShardFile {
@@ -88,8 +88,10 @@ pub struct CheckpointWriter {
 }
 
 impl CheckpointWriter {
-    /// Plans the output for `specs` (full tensor names, in the order they should be stored),
-    /// creates the temporary folder beside `out_dir` and pre-sizes every shard with its header.
+    /// Plans the output for `specs` (full tensor names), creates the temporary folder beside
+    /// `out_dir` and pre-sizes every shard with its header. Shards are filled in the order of
+    /// `specs`; within a shard, wider dtypes are stored first so every tensor is aligned to its
+    /// element size.
     ///
     /// Fails if `out_dir` exists and `options.force` is not set, or if it would replace a
     /// protected path.
@@ -397,6 +399,7 @@ impl CheckpointWriter {
 
     /// Moves the complete temporary folder to the output path. An existing output is first
     /// renamed aside, restored if the swap fails, and deleted only once the new one is in place.
+    /// (A crash between the two renames leaves the old output in its set-aside folder.)
     fn install(&self) -> Result<()> {
         check_output_replaceable(&self.out_dir, self.force, &self.protected_paths)?;
         let parent = self
@@ -409,7 +412,11 @@ impl CheckpointWriter {
                 .file_name()
                 .expect("checked at create")
                 .to_string_lossy();
-            let aside = parent.join(format!(".{name}.kvant-old-{}", std::process::id()));
+            let aside = parent.join(format!(
+                ".{name}.kvant-old-{}-{}",
+                std::process::id(),
+                NEXT_TEMP_ID.fetch_add(1, Ordering::Relaxed)
+            ));
             std::fs::rename(&self.out_dir, &aside).with_context(|| {
                 format!(
                     "cannot move the existing {} aside to replace it",
