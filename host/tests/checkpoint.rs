@@ -184,6 +184,7 @@ fn single_file_path_opens_with_empty_config() {
     assert_same_tensors(&checkpoint, &tensors);
     assert_eq!(checkpoint.config(), &json!({}));
     assert!(checkpoint.companion_files().is_empty());
+    assert_eq!(checkpoint.model_dir(), dir.path());
 }
 
 #[test]

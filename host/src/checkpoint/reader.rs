@@ -146,7 +146,10 @@ impl Checkpoint {
 
     fn open_file(path: &Path) -> Result<Checkpoint> {
         let mut checkpoint = Checkpoint {
-            model_dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            model_dir: match path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+                _ => PathBuf::from("."),
+            },
             config: Value::Object(Default::default()),
             shards: Vec::new(),
             entries: Vec::new(),

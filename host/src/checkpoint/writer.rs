@@ -181,8 +181,9 @@ impl CheckpointWriter {
         let data_len: u64 = specs.iter().map(|s| s.byte_len() as u64).sum();
         let file =
             File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        file.set_len(prefix.len() as u64 + data_len)
-            .with_context(|| format!("cannot size {} to {data_len} bytes", path.display()))?;
+        let file_len = prefix.len() as u64 + data_len;
+        file.set_len(file_len)
+            .with_context(|| format!("cannot pre-size {} to {file_len} bytes", path.display()))?;
         self.write_all_at(&file, &path, 0, &prefix)?;
 
         let mut file_offset = prefix.len() as u64;
