@@ -1,0 +1,488 @@
+//! The quantization lifecycle, top to bottom, in the order of Hugging Face's `HfQuantizer`:
+//! pick the method, check requirements and environment, settle the dtype, build the skeleton
+//! from headers, plan, stream weights through `quantize`, check every returned tensor against the
+//! plan, finish the `quantization_config`, and save atomically.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use kvant_plugin_api::dense::relative_error;
+use kvant_plugin_api::ffi::MethodClient;
+use kvant_plugin_api::tensor::from_f32;
+use kvant_plugin_api::{Config, DType, Environment, ModulePlan, Plan, Summary, Tensor, TensorSpec, TensorView};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::arch::{self, ModulePattern};
+use crate::checkpoint::{split_module_name, Checkpoint, CheckpointWriter, WriterOptions};
+use crate::progress::Bar;
+use crate::registry::{Method, Registry};
+use crate::requirements;
+
+/// What the user asked `kvant quantize` for.
+#[derive(Clone, Debug, Default)]
+pub struct QuantizeRequest {
+    /// Input checkpoint folder.
+    pub model: PathBuf,
+    /// `--method`; may be omitted for pre-quantized input.
+    pub method: Option<String>,
+    /// Options from `--config` and `--set`, before validation.
+    pub options: Map<String, Value>,
+    /// Output folder.
+    pub out: PathBuf,
+    /// Replace an existing output.
+    pub force: bool,
+    /// Extra `modules_to_not_convert` patterns.
+    pub not_convert: Vec<String>,
+    /// Dtype requested for tensors left dense.
+    pub dtype: Option<DType>,
+    /// Threads lent to the plugin.
+    pub threads: usize,
+    /// Shard size limit of the output.
+    pub max_shard_bytes: u64,
+    /// Draw progress bars.
+    pub progress: bool,
+}
+
+/// Reconstruction error of one converted module.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModuleReport {
+    /// Module name.
+    pub name: String,
+    /// `||dequantize(quantize(W)) - W|| / ||W||`.
+    pub relative_error: f64,
+    /// The method's own loss, if it reports one.
+    pub loss: Option<f64>,
+}
+
+/// The closing summary of a quantization.
+#[derive(Clone, Debug, Serialize)]
+pub struct QuantizeReport {
+    /// Method used.
+    pub method: String,
+    /// Validated options.
+    pub config: Map<String, Value>,
+    /// Output folder.
+    pub out: PathBuf,
+    /// Tensor bytes of the input.
+    pub bytes_in: u64,
+    /// Tensor bytes of the output.
+    pub bytes_out: u64,
+    /// Weights in converted modules.
+    pub quantized_weights: u64,
+    /// Bits per weight of the converted modules (packed codes, scales, zeros; not biases).
+    pub bits_per_weight: f64,
+    /// Bits per parameter over the whole model.
+    pub bits_per_parameter: f64,
+    /// Modules converted, with their errors.
+    pub modules: Vec<ModuleReport>,
+    /// Linear modules left dense, with the reason.
+    pub not_converted: Vec<(String, String)>,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+impl QuantizeReport {
+    /// Mean relative error over converted modules.
+    pub fn mean_error(&self) -> f64 {
+        self.modules.iter().map(|m| m.relative_error).sum::<f64>() / self.modules.len().max(1) as f64
+    }
+
+    /// The module with the largest relative error.
+    pub fn worst(&self) -> Option<&ModuleReport> {
+        self.modules.iter().max_by(|a, b| a.relative_error.total_cmp(&b.relative_error))
+    }
+}
+
+/// The environment this host offers a method.
+pub fn environment(threads: usize, pre_quantized: bool, requested_dtype: Option<DType>, calibration: bool) -> Environment {
+    Environment {
+        host_version: env!("CARGO_PKG_VERSION").into(),
+        contract_version: kvant_plugin_api::CONTRACT_VERSION.into(),
+        cpu_features: requirements::cpu_features(),
+        threads,
+        memory_available: available_memory(),
+        pre_quantized,
+        requested_dtype,
+        calibration,
+    }
+}
+
+/// `MemAvailable` from /proc/meminfo, or 0 where unknown.
+pub fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Validates user options, reporting every problem with its key.
+pub fn validate_options(method: &MethodClient, options: &Map<String, Value>) -> Result<Config> {
+    method.validate_config(options).map_err(|problems| {
+        let lines: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+        anyhow!("invalid options for method `{}`:\n{}", method.info().name, lines.join("\n"))
+    })
+}
+
+/// The method and options a checkpoint was quantized with, if it was.
+pub fn checkpoint_method<'r>(registry: &'r Registry, checkpoint: &Checkpoint) -> Result<Option<(&'r Method, Config)>> {
+    let Some(qc) = checkpoint.quantization_config() else { return Ok(None) };
+    let qc = qc.as_object().ok_or_else(|| {
+        anyhow!("{}: `quantization_config` in config.json is not an object", checkpoint.model_dir().display())
+    })?;
+    let Some(method) = registry.for_checkpoint(qc) else {
+        let name = qc.get("quant_method").map_or("(none)".into(), |v| v.to_string());
+        bail!(
+            "{} is quantized with quant_method {name}, which no loaded plugin reads; see `kvant list`",
+            checkpoint.model_dir().display()
+        )
+    };
+    let options = method.client.config_from_checkpoint(qc).map_err(|e| anyhow!("{e}"))?;
+    let config = validate_options(&method.client, &options)
+        .with_context(|| format!("reading the quantization_config of {}", checkpoint.model_dir().display()))?;
+    Ok(Some((method, config)))
+}
+
+fn check_tensor(module: &str, expected: &TensorSpec, got: &Tensor) -> Result<()> {
+    if got.dtype != expected.dtype || got.shape != expected.shape {
+        bail!(
+            "tensor `{module}.{}` is {} {:?}, but the plan announced {} {:?}",
+            got.name, got.dtype, got.shape, expected.dtype, expected.shape
+        );
+    }
+    if got.data.len() != expected.byte_len() {
+        bail!("tensor `{module}.{}` has {} bytes, expected {}", got.name, got.data.len(), expected.byte_len());
+    }
+    if got.dtype.is_float() && got.view().to_f32().iter().any(|v| !v.is_finite()) {
+        bail!("tensor `{module}.{}` contains NaN or infinite values", got.name);
+    }
+    Ok(())
+}
+
+/// Checks a plugin's result for one module against its plan: same names, dtypes, shapes; finite.
+pub fn check_against_plan(plan: &ModulePlan, tensors: &[Tensor]) -> Result<()> {
+    let got: HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    let want: HashSet<&str> = plan.tensors.iter().map(|t| t.name.as_str()).collect();
+    if got.len() != tensors.len() {
+        bail!("module `{}`: the plugin returned a tensor name twice", plan.name);
+    }
+    if got != want {
+        let mut extra: Vec<_> = got.difference(&want).collect();
+        let mut missing: Vec<_> = want.difference(&got).collect();
+        extra.sort();
+        missing.sort();
+        bail!("module `{}`: the plugin returned tensors that differ from its plan (missing {missing:?}, unexpected {extra:?})", plan.name);
+    }
+    for t in tensors {
+        let spec = plan.tensors.iter().find(|s| s.name == t.name).expect("names checked above");
+        check_tensor(&plan.name, spec, t)?;
+    }
+    Ok(())
+}
+
+fn check_plan(plan: &Plan, skeleton: &kvant_plugin_api::Skeleton) -> Result<()> {
+    let mut seen = HashSet::new();
+    for m in &plan.modules {
+        let module = skeleton
+            .modules
+            .iter()
+            .find(|s| s.name == m.name)
+            .ok_or_else(|| anyhow!("the plan converts `{}`, which the model does not have", m.name))?;
+        if !module.is_convertible_linear() {
+            bail!(
+                "the plan converts `{}`, which must stay dense ({})",
+                m.name,
+                module.not_converted.as_deref().unwrap_or("not a Linear")
+            );
+        }
+        if module.linear_shape() != Some(m.shape) {
+            bail!("the plan gives `{}` shape {:?}, the checkpoint has {:?}", m.name, m.shape, module.linear_shape());
+        }
+        if !seen.insert(&m.name) {
+            bail!("the plan converts `{}` twice", m.name);
+        }
+        let mut names = HashSet::new();
+        for t in &m.tensors {
+            if !names.insert(&t.name) || t.name.is_empty() {
+                bail!("the plan for `{}` names tensor `{}` twice or empty", m.name, t.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn convert_dense(view: &TensorView<'_>, dtype: Option<DType>) -> Option<Vec<u8>> {
+    match dtype {
+        Some(d) if view.dtype.is_float() && view.dtype != d => Some(from_f32(d, &view.to_f32())),
+        _ => None,
+    }
+}
+
+/// Runs the whole lifecycle and writes the quantized checkpoint.
+pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeReport> {
+    let started = Instant::now();
+    let checkpoint = Checkpoint::open(&req.model)?;
+
+    // 1. The method: the checkpoint's own wins over --method.
+    if let Some((method, _)) = checkpoint_method(registry, &checkpoint)? {
+        bail!(
+            "{} is already quantized (method `{}`); run `kvant dequantize` first to re-quantize it",
+            req.model.display(),
+            method.client.info().name
+        );
+    }
+    let name = req.method.as_deref().ok_or_else(|| anyhow!("no --method given; `kvant list` shows the methods"))?;
+    let method = &registry.get(name)?.client;
+    let info = method.info().clone();
+
+    // 2. Options, then requirements (all at once), then the method's own environment check.
+    let config = validate_options(method, &req.options)?;
+    if !info.flags.is_serializable {
+        bail!("method `{name}` cannot save its quantized weights (is_serializable = false), so it cannot write {}", req.out.display());
+    }
+    let env = environment(req.threads, false, req.dtype, false);
+    let unmet = requirements::unmet(&info.required_packages, &env);
+    if !unmet.is_empty() {
+        bail!("method `{name}` cannot run here:\n  {}", unmet.join("\n  "));
+    }
+    method.validate_environment(&env, &config).map_err(|e| anyhow!("method `{name}`: {e}"))?;
+
+    // 3. Dtype of what stays dense.
+    let dtype = method.update_dtype(req.dtype, &config).map_err(|e| anyhow!("method `{name}`: {e}"))?;
+
+    // 4-5. Skeleton from headers, then the plan.
+    let patterns = req.not_convert.iter().map(|p| ModulePattern::parse(p)).collect::<Result<Vec<_>>>()?;
+    let skeleton = arch::skeleton(&checkpoint, &patterns);
+    let plan = method.plan(&skeleton, &config).map_err(|e| anyhow!("method `{name}`: {e}"))?;
+    check_plan(&plan, &skeleton).with_context(|| format!("method `{name}` made an invalid plan"))?;
+    let planned: HashMap<&str, &ModulePlan> = plan.modules.iter().map(|m| (m.name.as_str(), m)).collect();
+
+    // The output layout: planned modules' tensors replace their weight and bias.
+    let mut specs = Vec::new();
+    let mut emitted = HashSet::new();
+    for tensor in checkpoint.tensor_names() {
+        let (module, _) = split_module_name(tensor);
+        match planned.get(module) {
+            Some(p) if emitted.insert(module) => {
+                specs.extend(p.tensors.iter().map(|t| TensorSpec::new(format!("{module}.{}", t.name), t.dtype, t.shape.clone())))
+            }
+            Some(_) => {}
+            None => {
+                let s = checkpoint.spec(tensor).expect("listed");
+                let d = if s.dtype.is_float() { dtype.unwrap_or(s.dtype) } else { s.dtype };
+                specs.push(TensorSpec::new(tensor, d, s.shape.clone()));
+            }
+        }
+    }
+    let bytes_out: u64 = specs.iter().map(|s| s.byte_len() as u64).sum();
+    let options = WriterOptions {
+        max_shard_bytes: req.max_shard_bytes,
+        force: req.force,
+        protected_paths: vec![req.model.clone()],
+        ..Default::default()
+    };
+    let writer = CheckpointWriter::create(&req.out, specs, options)?;
+
+    // 6. Stream: planned modules through the plugin, the rest copied (or cast).
+    let bar = Bar::new(skeleton.modules.len() as u64, "quantize", req.progress);
+    let mut reports = Vec::new();
+    let mut quantized_weights = 0u64;
+    let mut quantized_bytes = 0u64;
+    for module in &skeleton.modules {
+        bar.step(&module.name);
+        let names = checkpoint.tensors_with_prefix(&module.name);
+        let names: Vec<&str> = names.into_iter().filter(|n| split_module_name(n).0 == module.name).collect();
+        match planned.get(module.name.as_str()) {
+            Some(p) => {
+                let views: Vec<TensorView<'_>> = names
+                    .iter()
+                    .map(|n| checkpoint.view(n).map(|v| TensorView { name: split_module_name(n).1, ..v }))
+                    .collect::<Result<_>>()?;
+                let q = method
+                    .quantize(p, &views, None, &config)
+                    .map_err(|e| anyhow!("method `{name}` failed on module `{}`: {e}", p.name))?;
+                check_against_plan(p, &q.tensors).with_context(|| format!("method `{name}` returned bad tensors"))?;
+                let error = reconstruction_error(method, p, &q.tensors, &views, &config)?;
+                for t in &q.tensors {
+                    writer.write(&format!("{}.{}", p.name, t.name), &t.data)?;
+                    if t.name != "bias" {
+                        quantized_bytes += t.data.len() as u64;
+                    }
+                }
+                quantized_weights += (p.shape.0 * p.shape.1) as u64;
+                reports.push(ModuleReport { name: p.name.clone(), relative_error: error, loss: q.loss });
+            }
+            None => {
+                for n in names {
+                    let view = checkpoint.view(n)?;
+                    match convert_dense(&view, dtype) {
+                        Some(bytes) => writer.write(n, &bytes)?,
+                        None => writer.write_view(n, &view)?,
+                    }
+                }
+            }
+        }
+    }
+    drop(bar);
+
+    // 7. quantization_config, then the atomic save.
+    let summary = Summary {
+        converted: plan.modules.iter().map(|m| m.name.clone()).collect(),
+        not_converted: skeleton
+            .modules
+            .iter()
+            .filter(|m| matches!(m.kind, kvant_plugin_api::ModuleKind::Linear | kvant_plugin_api::ModuleKind::Head))
+            .filter(|m| !planned.contains_key(m.name.as_str()))
+            .map(|m| m.name.clone())
+            .collect(),
+        dtype,
+    };
+    let qc = method.finish(&summary, &config).map_err(|e| anyhow!("method `{name}`: {e}"))?;
+    let mut out_config = checkpoint.config().clone();
+    let obj = out_config
+        .as_object_mut()
+        .ok_or_else(|| anyhow!("{}: config.json is not a JSON object", req.model.display()))?;
+    obj.insert("quantization_config".into(), Value::Object(qc));
+    if let Some(d) = dtype {
+        obj.insert("torch_dtype".into(), d.torch_name().into());
+    }
+    writer.finish(&out_config, checkpoint.companion_files())?;
+
+    let params: u64 = skeleton.modules.iter().flat_map(|m| &m.tensors).map(|t| t.numel() as u64).sum();
+    Ok(QuantizeReport {
+        method: name.to_string(),
+        config: config.values().clone(),
+        out: req.out.clone(),
+        bytes_in: checkpoint.total_bytes(),
+        bytes_out,
+        quantized_weights,
+        bits_per_weight: quantized_bytes as f64 * 8.0 / quantized_weights.max(1) as f64,
+        bits_per_parameter: bytes_out as f64 * 8.0 / params.max(1) as f64,
+        modules: reports,
+        not_converted: skeleton
+            .modules
+            .iter()
+            .filter(|m| matches!(m.kind, kvant_plugin_api::ModuleKind::Linear | kvant_plugin_api::ModuleKind::Head))
+            .filter_map(|m| m.not_converted.clone().map(|r| (m.name.clone(), r)))
+            .collect(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn reconstruction_error(
+    method: &MethodClient,
+    plan: &ModulePlan,
+    tensors: &[Tensor],
+    dense: &[TensorView<'_>],
+    config: &Config,
+) -> Result<f64> {
+    let views: Vec<TensorView<'_>> = tensors.iter().map(Tensor::view).collect();
+    let back = method
+        .dequantize(plan, &views, config)
+        .map_err(|e| anyhow!("method `{}` cannot dequantize `{}` it just wrote: {e}", method.info().name, plan.name))?;
+    let w = dense.iter().find(|v| v.name == "weight").ok_or_else(|| anyhow!("module `{}` has no weight", plan.name))?;
+    if back.len() != plan.shape.0 * plan.shape.1 {
+        bail!("method `{}` dequantized `{}` to {} values, expected {:?}", method.info().name, plan.name, back.len(), plan.shape);
+    }
+    Ok(relative_error(&back, &w.as_f32()))
+}
+
+/// A quantized module of a pre-quantized checkpoint, ready for `dequantize` and `forward`.
+pub struct PackedModule<'c> {
+    /// Its plan, rebuilt from the method's `linear_shape`.
+    pub plan: ModulePlan,
+    /// Its tensors, names relative to the module.
+    pub tensors: Vec<TensorView<'c>>,
+}
+
+/// Finds the quantized modules of a pre-quantized checkpoint: modules with a tensor the dense
+/// Linear would not have (anything but `weight`/`bias` in a float dtype).
+pub fn packed_modules<'c>(checkpoint: &'c Checkpoint, method: &MethodClient, config: &Config) -> Result<Vec<PackedModule<'c>>> {
+    let mut by_module: Vec<(String, Vec<TensorView<'c>>)> = Vec::new();
+    for name in checkpoint.tensor_names() {
+        let (module, local) = split_module_name(name);
+        let view = TensorView { name: local, ..checkpoint.view(name)? };
+        match by_module.iter_mut().find(|(m, _)| m == module) {
+            Some((_, v)) => v.push(view),
+            None => by_module.push((module.to_string(), vec![view])),
+        }
+    }
+    let mut out = Vec::new();
+    for (module, tensors) in by_module {
+        let dense_like = tensors.iter().all(|t| (t.name == "weight" || t.name == "bias") && t.dtype.is_float());
+        if dense_like {
+            continue;
+        }
+        let mut plan = ModulePlan { name: module.clone(), shape: (0, 0), tensors: vec![], attrs: Value::Null };
+        plan.shape = method
+            .linear_shape(&plan, &tensors, config)
+            .map_err(|e| anyhow!("{}: module `{module}`: {e}", checkpoint.model_dir().display()))?;
+        plan.tensors = tensors.iter().map(TensorView::spec).collect();
+        out.push(PackedModule { plan, tensors });
+    }
+    Ok(out)
+}
+
+/// Writes a dense copy of a pre-quantized checkpoint; returns the number of modules expanded.
+pub fn dequantize(registry: &Registry, model: &Path, out: &Path, dtype: DType, force: bool, progress: bool) -> Result<usize> {
+    let checkpoint = Checkpoint::open(model)?;
+    let (method, config) = checkpoint_method(registry, &checkpoint)?
+        .ok_or_else(|| anyhow!("{} has no quantization_config in config.json: it is not quantized", model.display()))?;
+    let method = &method.client;
+    let packed = packed_modules(&checkpoint, method, &config)?;
+    let packed_names: HashSet<&str> = packed.iter().map(|p| p.plan.name.as_str()).collect();
+
+    let mut specs = Vec::new();
+    let mut placed = HashSet::new();
+    for name in checkpoint.tensor_names() {
+        let (module, _) = split_module_name(name);
+        if let Some(p) = packed.iter().find(|p| p.plan.name == module) {
+            if placed.insert(module) {
+                specs.push(TensorSpec::new(format!("{module}.weight"), dtype, [p.plan.shape.0, p.plan.shape.1]));
+                if let Some(b) = p.tensors.iter().find(|t| t.name == "bias") {
+                    specs.push(TensorSpec::new(format!("{module}.bias"), dtype, b.shape.to_vec()));
+                }
+            }
+        } else if !packed_names.contains(module) {
+            let s = checkpoint.spec(name).expect("listed");
+            specs.push(TensorSpec::new(name, if s.dtype.is_float() { dtype } else { s.dtype }, s.shape.clone()));
+        }
+    }
+    let options = WriterOptions { force, protected_paths: vec![model.to_path_buf()], ..Default::default() };
+    let writer = CheckpointWriter::create(out, specs.clone(), options)?;
+    let bar = Bar::new(specs.len() as u64, "dequantize", progress);
+    for p in &packed {
+        bar.step(&p.plan.name);
+        let w = method
+            .dequantize(&p.plan, &p.tensors, &config)
+            .map_err(|e| anyhow!("method `{}` cannot dequantize `{}`: {e}", method.info().name, p.plan.name))?;
+        writer.write(&format!("{}.weight", p.plan.name), &from_f32(dtype, &w))?;
+        if let Some(b) = p.tensors.iter().find(|t| t.name == "bias") {
+            writer.write(&format!("{}.bias", p.plan.name), &from_f32(dtype, &b.to_f32()))?;
+        }
+    }
+    for name in checkpoint.tensor_names() {
+        if packed_names.contains(split_module_name(name).0) {
+            continue;
+        }
+        let view = checkpoint.view(name)?;
+        match convert_dense(&view, Some(dtype)) {
+            Some(bytes) => writer.write(name, &bytes)?,
+            None => writer.write_view(name, &view)?,
+        }
+    }
+    drop(bar);
+    let mut config_json = checkpoint.config().clone();
+    if let Some(obj) = config_json.as_object_mut() {
+        obj.remove("quantization_config");
+        obj.insert("torch_dtype".into(), dtype.torch_name().into());
+    }
+    writer.finish(&config_json, checkpoint.companion_files())?;
+    Ok(packed.len())
+}

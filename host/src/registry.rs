@@ -1,0 +1,352 @@
+//! Finding and loading plugins: `registry.toml` entries and the drop-in plugins folder.
+//!
+//! ```toml
+//! # Paths are relative to this file. A library path without an extension gets the platform's
+//! # prefix and suffix: "target/release/kvant_rtn" is libkvant_rtn.so on Linux.
+//! plugins_dir = "plugins.d"          # drop-in folder: every .so/.dylib/.dll in it is loaded
+//!
+//! [methods.rtn]
+//! library = "target/release/kvant_rtn"
+//! sha256 = "..."                     # optional: checked before the library is opened
+//! enabled = true                     # optional
+//! ```
+//!
+//! A library that is not a kvant plugin, or speaks an incompatible contract, is skipped with a
+//! warning and listed as broken. Libraries are never unloaded (abi_stable's rule).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use abi_stable::library::{lib_header_from_path, LibraryError};
+use abi_stable::std_types::RStr;
+use anyhow::{bail, Context, Result};
+use kvant_plugin_api::ffi::{methods_of, HostCallbacks, HostCallbacksRef, MethodClient, PluginModRef};
+use kvant_plugin_api::CONTRACT_VERSION;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::requirements;
+
+/// Where a method was found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Named in `registry.toml`.
+    Registry(PathBuf),
+    /// Found in the drop-in plugins folder.
+    DropIn(PathBuf),
+}
+
+impl Origin {
+    /// The library file.
+    pub fn library(&self) -> &Path {
+        match self {
+            Origin::Registry(p) | Origin::DropIn(p) => p,
+        }
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Registry(p) => write!(f, "registry: {}", p.display()),
+            Origin::DropIn(p) => write!(f, "drop-in: {}", p.display()),
+        }
+    }
+}
+
+/// A loaded, usable method.
+pub struct Method {
+    /// The method itself.
+    pub client: MethodClient,
+    /// Where it came from.
+    pub origin: Origin,
+}
+
+/// A library that could not be used, and why.
+#[derive(Clone, Debug)]
+pub struct Broken {
+    /// The library file.
+    pub path: PathBuf,
+    /// What is wrong, for the user.
+    pub reason: String,
+}
+
+/// Every method the host can use, by name.
+#[derive(Default)]
+pub struct Registry {
+    methods: BTreeMap<String, Method>,
+    broken: Vec<Broken>,
+    disabled: Vec<(String, PathBuf)>,
+}
+
+/// Where to look for plugins.
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    /// A `registry.toml`, if any.
+    pub registry_file: Option<PathBuf>,
+    /// The drop-in folder; `None` uses the registry's `plugins_dir`.
+    pub plugins_dir: Option<PathBuf>,
+    /// Threads lent to every plugin.
+    pub threads: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryFile {
+    plugins_dir: Option<PathBuf>,
+    #[serde(default)]
+    methods: BTreeMap<String, RegistryEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryEntry {
+    library: PathBuf,
+    sha256: Option<String>,
+    #[serde(default = "enabled_default")]
+    enabled: bool,
+}
+
+fn enabled_default() -> bool {
+    true
+}
+
+/// File extensions of shared libraries on this platform's neighbours too: a folder shared
+/// between machines may hold all three; only loadable ones load.
+const LIBRARY_EXTENSIONS: &[&str] = &["so", "dylib", "dll"];
+
+fn library_path(base: &Path, library: &Path) -> PathBuf {
+    let path = base.join(library);
+    if path.extension().is_some() {
+        return path;
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!("{}{name}{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX))
+}
+
+impl Registry {
+    /// Loads every plugin named by `sources`. Broken libraries are recorded, not fatal; two
+    /// libraries declaring the same method name are an error naming both.
+    pub fn load(sources: &Sources) -> Result<Registry> {
+        let mut registry = Registry::default();
+        let mut loaded: HashMap<PathBuf, Vec<String>> = HashMap::new();
+        let mut wanted: Vec<(PathBuf, Option<BTreeMap<String, RegistryEntry>>)> = Vec::new();
+        let mut plugins_dir = sources.plugins_dir.clone();
+
+        if let Some(file) = &sources.registry_file {
+            let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+            let parsed: RegistryFile =
+                toml::from_str(&text).with_context(|| format!("{} is not a valid registry", file.display()))?;
+            let base = file.parent().unwrap_or(Path::new("."));
+            if plugins_dir.is_none() {
+                plugins_dir = parsed.plugins_dir.map(|d| base.join(d));
+            }
+            // Group entries by library so a library providing several methods loads once.
+            let mut by_library: BTreeMap<PathBuf, BTreeMap<String, RegistryEntry>> = BTreeMap::new();
+            for (name, entry) in parsed.methods {
+                by_library.entry(library_path(base, &entry.library)).or_default().insert(name, entry);
+            }
+            wanted.extend(by_library.into_iter().map(|(p, e)| (p, Some(e))));
+        }
+        if let Some(dir) = &plugins_dir {
+            if dir.is_dir() {
+                let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                    .with_context(|| format!("cannot list the plugins folder {}", dir.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| LIBRARY_EXTENSIONS.iter().any(|e| x == *e)))
+                    .collect();
+                files.sort();
+                wanted.extend(files.into_iter().map(|p| (p, None)));
+            } else if sources.plugins_dir.is_some() {
+                bail!("plugins folder {} does not exist", dir.display());
+            }
+        }
+
+        let host = host_callbacks(sources.threads);
+        for (path, entries) in wanted {
+            let key = path.canonicalize().unwrap_or_else(|_| path.clone());
+            if loaded.contains_key(&key) {
+                continue;
+            }
+            if let Some(entries) = &entries {
+                let enabled = entries.values().any(|e| e.enabled);
+                for (name, _) in entries.iter().filter(|(_, e)| !e.enabled) {
+                    registry.disabled.push((name.clone(), path.clone()));
+                }
+                if !enabled {
+                    continue;
+                }
+                let pins: Vec<&str> = entries.values().filter_map(|e| e.sha256.as_deref()).collect();
+                if let Err(reason) = check_pins(&path, &pins) {
+                    registry.broken.push(Broken { path, reason });
+                    continue;
+                }
+            }
+            let methods = match open_library(&path, host) {
+                Ok(m) => m,
+                Err(reason) => {
+                    log::warn!("skipping {}: {reason}", path.display());
+                    registry.broken.push(Broken { path, reason });
+                    continue;
+                }
+            };
+            let names: Vec<String> = methods.iter().map(|m| m.info().name.clone()).collect();
+            if let Some(entries) = &entries {
+                let missing: Vec<&String> = entries.keys().filter(|n| !names.contains(n)).collect();
+                if !missing.is_empty() {
+                    let reason = format!(
+                        "registry names method(s) {} for this library, but it declares only: {}",
+                        missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+                        names.join(", ")
+                    );
+                    registry.broken.push(Broken { path, reason });
+                    continue;
+                }
+            }
+            for client in methods {
+                let name = client.info().name.clone();
+                let disabled = entries.as_ref().and_then(|e| e.get(&name)).is_some_and(|e| !e.enabled);
+                if disabled {
+                    continue;
+                }
+                if let Err(reason) = requirements::parse_all(&client.info().required_packages) {
+                    registry.broken.push(Broken { path: path.clone(), reason: format!("method `{name}`: {reason}") });
+                    continue;
+                }
+                if let Some(existing) = registry.methods.get(&name) {
+                    bail!(
+                        "two plugins declare the method `{name}`: {} and {}; remove or disable one \
+                         (`enabled = false` in registry.toml)",
+                        existing.origin.library().display(),
+                        path.display()
+                    );
+                }
+                let origin = if entries.is_some() { Origin::Registry(path.clone()) } else { Origin::DropIn(path.clone()) };
+                registry.methods.insert(name, Method { client, origin });
+            }
+            loaded.insert(key, names);
+        }
+        Ok(registry)
+    }
+
+    /// The method called `name`, or an error listing the ones there are.
+    pub fn get(&self, name: &str) -> Result<&Method> {
+        if let Some(m) = self.methods.get(name) {
+            return Ok(m);
+        }
+        if let Some((_, path)) = self.disabled.iter().find(|(n, _)| n == name) {
+            bail!("method `{name}` is disabled in the registry ({})", path.display());
+        }
+        let known: Vec<&str> = self.methods.keys().map(String::as_str).collect();
+        let broken = if self.broken.is_empty() {
+            String::new()
+        } else {
+            format!(" ({} plugin file(s) could not be loaded: see `kvant list`)", self.broken.len())
+        };
+        bail!(
+            "no method named `{name}`; available: {}{broken}",
+            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+        )
+    }
+
+    /// The method that reads a checkpoint with this `quantization_config`, if any.
+    pub fn for_checkpoint(&self, qc: &serde_json::Map<String, serde_json::Value>) -> Option<&Method> {
+        self.methods.values().find(|m| {
+            m.client.info().answers_to.iter().any(|pattern| pattern.iter().all(|(k, v)| qc.get(k) == Some(v)))
+        })
+    }
+
+    /// All usable methods, by name.
+    pub fn methods(&self) -> impl Iterator<Item = (&str, &Method)> {
+        self.methods.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Libraries that could not be used.
+    pub fn broken(&self) -> &[Broken] {
+        &self.broken
+    }
+
+    /// Methods switched off in the registry.
+    pub fn disabled(&self) -> &[(String, PathBuf)] {
+        &self.disabled
+    }
+}
+
+fn check_pins(path: &Path, pins: &[&str]) -> Result<(), String> {
+    if pins.is_empty() {
+        return Ok(());
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read it to check its sha256: {e}"))?;
+    let actual = format!("{:x}", Sha256::digest(&bytes));
+    for pin in pins {
+        if !pin.eq_ignore_ascii_case(&actual) {
+            return Err(format!(
+                "sha256 is {actual}, but registry.toml pins {pin}; the file changed since it was pinned \
+                 (not opened)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Opens one library and returns its methods, or why it cannot be used.
+fn open_library(path: &Path, host: HostCallbacksRef) -> Result<Vec<MethodClient>, String> {
+    let header = lib_header_from_path(path).map_err(|e| match e {
+        LibraryError::OpenError { .. } => format!("cannot be opened as a shared library: {}", first_line(&e)),
+        LibraryError::GetSymbolError { .. } => "is not a kvant plugin (it exports no plugin root module)".into(),
+        other => format!("is not a usable kvant plugin: {}", first_line(&other)),
+    })?;
+    let theirs = header.version_strings().version.as_str();
+    let major = |v: &str| v.split('.').next().unwrap_or("").to_string();
+    if major(theirs) != major(CONTRACT_VERSION) {
+        return Err(format!(
+            "was built against plugin contract {theirs}, but this host needs contract {}.x; rebuild it \
+             against kvant-plugin-api {}",
+            major(CONTRACT_VERSION),
+            CONTRACT_VERSION
+        ));
+    }
+    let module = header.check_layout::<PluginModRef>().map_err(|e| {
+        format!(
+            "says contract {theirs} but its types do not match this host's contract {CONTRACT_VERSION} \
+             (built with a modified plugin-api?): {}",
+            first_line(&e)
+        )
+    })?;
+    let methods = methods_of(module, host).map_err(|e| format!("failed to start: {e}"))?;
+    if methods.is_empty() {
+        return Err("declares no methods".into());
+    }
+    Ok(methods)
+}
+
+fn first_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()
+}
+
+extern "C" fn plugin_log(level: u8, target: RStr<'_>, message: RStr<'_>) {
+    let level = match level {
+        1 => log::Level::Error,
+        2 => log::Level::Warn,
+        3 => log::Level::Info,
+        4 => log::Level::Debug,
+        _ => log::Level::Trace,
+    };
+    log::log!(target: "plugin", level, "[{}] {}", target.as_str(), message.as_str());
+}
+
+extern "C" fn plugin_progress(done: u64, total: u64, message: RStr<'_>) {
+    crate::progress::inner(done, total, message.as_str());
+}
+
+fn host_callbacks(threads: usize) -> HostCallbacksRef {
+    let max_log_level = match log::max_level() {
+        log::LevelFilter::Off => 0,
+        log::LevelFilter::Error => 1,
+        log::LevelFilter::Warn => 2,
+        log::LevelFilter::Info => 3,
+        log::LevelFilter::Debug => 4,
+        log::LevelFilter::Trace => 5,
+    };
+    HostCallbacks { threads: threads.max(1) as u32, max_log_level, log: plugin_log, progress: plugin_progress }.leak()
+}
