@@ -1,2 +1,7 @@
 //! kvant host: plugin registry, checkpoint I/O, the quantization lifecycle, evaluation.
 pub mod checkpoint;
+pub mod arch;
+pub mod lifecycle;
+pub mod progress;
+pub mod registry;
+pub mod requirements;
