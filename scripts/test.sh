@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs kvant's whole test suite: fetches the real test material (SmolLM2-135M and the State of
+# the Union texts) into the cache on first use, builds the plugins, then runs every test.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+bash scripts/fetch-test-material.sh
+# The registry's plugins are release cdylibs; tests and the CLI load them from there.
+cargo build --release --workspace
+cargo test --release --workspace
