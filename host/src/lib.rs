@@ -1,5 +1,6 @@
 //! kvant host: plugin registry, checkpoint I/O, the quantization lifecycle, evaluation.
 pub mod checkpoint;
+pub mod gguf;
 pub mod arch;
 pub mod lifecycle;
 pub mod progress;
