@@ -17,7 +17,7 @@
 mod packing;
 
 use kvant_plugin_api::{
-    export_plugin, Config, ConfigProblem, DType, Error, Flags, MethodInfo, Module, ModulePlan, ModuleTensors,
+    dense, export_plugin, Config, ConfigProblem, DType, Error, Flags, MethodInfo, Module, ModulePlan, ModuleTensors,
     NoCalibration, OptionSpec, QuantMethod, Quantized, Result, Tensor, TensorSpec,
 };
 use rayon::prelude::*;
@@ -120,24 +120,29 @@ impl QuantMethod for Rtn {
     fn forward(&self, module: &ModuleTensors<'_>, x: &[f32], rows: usize, config: &Config) -> Result<Vec<f32>> {
         let (layout, packed) = read_packed(module, config)?;
         let bias = module.find("bias").map(|b| b.to_f32());
-        let (out, inp) = (layout.out, layout.inp);
-        let mut y = vec![0f32; rows * out];
-        // One output channel per task: decode its row once, use it for every input row.
-        let columns: Vec<Vec<f32>> = (0..out)
+        if rows > SMALL_BATCH {
+            // Many rows amortise one dequantization; a matrix product then beats decoding per row.
+            let w = layout.dequantize(&packed);
+            return Ok(dense::linear_forward(x, rows, &w, (layout.out, layout.inp), bias.as_deref()));
+        }
+        // Few rows (token-by-token decoding): decode each output channel once, straight from the
+        // packed codes, and never hold the dense matrix.
+        let inp = layout.inp;
+        let per_channel: Vec<f32> = (0..layout.out)
             .into_par_iter()
-            .map(|o| {
+            .flat_map_iter(|o| {
                 let w = layout.dequantize_row(&packed, o);
-                x.chunks(inp).map(|xr| w.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>()).collect()
+                let b = bias.as_ref().map_or(0.0, |b| b[o]);
+                x.chunks(inp).map(move |xr| w.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>() + b).collect::<Vec<_>>()
             })
             .collect();
-        for (o, col) in columns.iter().enumerate() {
-            for (r, v) in col.iter().enumerate() {
-                y[r * out + o] = v + bias.as_ref().map_or(0.0, |b| b[o]);
-            }
-        }
-        Ok(y)
+        // per_channel is [out, rows]; y is [rows, out].
+        Ok((0..rows * layout.out).map(|i| per_channel[(i % layout.out) * rows + i / layout.out]).collect())
     }
 }
+
+/// Up to this many rows, `forward` decodes per output channel instead of dequantizing whole.
+const SMALL_BATCH: usize = 8;
 
 fn read_packed(module: &ModuleTensors<'_>, config: &Config) -> Result<(Layout, packing::Packed)> {
     let (out, inp) = module.plan.shape;
