@@ -6,3 +6,4 @@ pub mod lifecycle;
 pub mod progress;
 pub mod registry;
 pub mod requirements;
+pub mod model;
