@@ -7,3 +7,4 @@ pub mod progress;
 pub mod registry;
 pub mod requirements;
 pub mod model;
+pub mod eval;
