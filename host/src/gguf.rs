@@ -843,12 +843,10 @@ fn place_tensor(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
+pub(crate) mod testing {
     /// Builds GGUF bytes for tests.
     #[derive(Default)]
-    struct Builder {
+    pub(crate) struct Builder {
         kv: Vec<u8>,
         n_kv: u64,
         infos: Vec<u8>,
@@ -862,7 +860,7 @@ mod tests {
     }
 
     impl Builder {
-        fn kv(mut self, key: &str, ty: u32, value: &[u8]) -> Self {
+        pub(crate) fn kv(mut self, key: &str, ty: u32, value: &[u8]) -> Self {
             string(&mut self.kv, key);
             self.kv.extend(ty.to_le_bytes());
             self.kv.extend(value);
@@ -870,21 +868,21 @@ mod tests {
             self
         }
 
-        fn kv_u32(self, key: &str, v: u32) -> Self {
+        pub(crate) fn kv_u32(self, key: &str, v: u32) -> Self {
             self.kv(key, 4, &v.to_le_bytes())
         }
 
-        fn kv_f32(self, key: &str, v: f32) -> Self {
+        pub(crate) fn kv_f32(self, key: &str, v: f32) -> Self {
             self.kv(key, 6, &v.to_le_bytes())
         }
 
-        fn kv_str(self, key: &str, v: &str) -> Self {
+        pub(crate) fn kv_str(self, key: &str, v: &str) -> Self {
             let mut b = Vec::new();
             string(&mut b, v);
             self.kv(key, 8, &b)
         }
 
-        fn kv_strs(self, key: &str, v: &[&str]) -> Self {
+        pub(crate) fn kv_strs(self, key: &str, v: &[&str]) -> Self {
             let mut b = 8u32.to_le_bytes().to_vec();
             b.extend((v.len() as u64).to_le_bytes());
             for s in v {
@@ -894,7 +892,7 @@ mod tests {
         }
 
         /// A tensor at an explicit offset, with `bytes` appended to the data section.
-        fn tensor_at(mut self, name: &str, dims: &[u64], ty: u32, offset: u64, bytes: &[u8]) -> Self {
+        pub(crate) fn tensor_at(mut self, name: &str, dims: &[u64], ty: u32, offset: u64, bytes: &[u8]) -> Self {
             string(&mut self.infos, name);
             self.infos.extend((dims.len() as u32).to_le_bytes());
             for d in dims {
@@ -908,18 +906,18 @@ mod tests {
         }
 
         /// A tensor appended at the next aligned offset.
-        fn tensor(mut self, name: &str, dims: &[u64], ty: u32, bytes: &[u8]) -> Self {
+        pub(crate) fn tensor(mut self, name: &str, dims: &[u64], ty: u32, bytes: &[u8]) -> Self {
             let offset = self.data.len().div_ceil(32) * 32;
             self.data.resize(offset, 0);
             self = self.tensor_at(name, dims, ty, offset as u64, bytes);
             self
         }
 
-        fn build(&self) -> Vec<u8> {
+        pub(crate) fn build(&self) -> Vec<u8> {
             self.build_aligned(32)
         }
 
-        fn build_aligned(&self, alignment: usize) -> Vec<u8> {
+        pub(crate) fn build_aligned(&self, alignment: usize) -> Vec<u8> {
             let mut out = b"GGUF".to_vec();
             out.extend(3u32.to_le_bytes());
             out.extend(self.n_tensors.to_le_bytes());
@@ -931,6 +929,12 @@ mod tests {
             out
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::Builder;
+    use super::*;
 
     fn f32_bytes(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()

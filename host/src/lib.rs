@@ -1,6 +1,7 @@
 //! kvant host: plugin registry, checkpoint I/O, the quantization lifecycle, evaluation.
 pub mod checkpoint;
 pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod arch;
 pub mod lifecycle;
 pub mod progress;
