@@ -35,7 +35,8 @@ impl TensorSource for Checkpoint {
             "tensor `{name}` is {:?}, not a floating-point type: a quantized layer needs a LinearOp from its method",
             view.dtype
         );
-        Ok(view.to_f32())
+        // F32 data is copied as is; other float types are converted.
+        Ok(view.as_f32().into_owned())
     }
 }
 
