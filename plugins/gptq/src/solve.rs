@@ -1,0 +1,333 @@
+//! The GPTQ algorithm (Frantar et al., 2022) as GPTQModel and AutoGPTQ run it.
+//!
+//! Columns are quantized one at a time (in act-order when asked); each column's rounding
+//! error, scaled by the inverse Hessian's upper Cholesky factor `U`, is pushed onto the columns
+//! not yet quantized: eagerly inside a block of columns, lazily (one matrix product) beyond it.
+//! Output rows never interact, so rows are split into chunks solved in parallel, each chunk
+//! holding its slice of `W` transposed (`[in][rows]`) so every column step is a contiguous
+//! vector operation.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use kvant_plugin_api::{progress, Error, Result};
+use rayon::prelude::*;
+
+use crate::linalg::{inverse_cholesky_upper, matmul, Operand};
+
+/// Columns per lazy-update block, as in the reference.
+pub const BLOCK: usize = 128;
+
+/// Settings of one GPTQ solve.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GptqParams {
+    /// Bits per code: 2, 3, 4 or 8.
+    pub bits: u32,
+    /// Input columns per group; -1 (or >= in) is one group per output row.
+    pub group_size: i64,
+    /// Symmetric levels: zero point fixed at `2^(bits-1)`.
+    pub sym: bool,
+    /// Act-order: quantize columns by decreasing Hessian diagonal.
+    pub desc_act: bool,
+    /// With groups: compute every group's parameters up front from the original weights.
+    pub static_groups: bool,
+    /// Dampening added to the Hessian diagonal, as a fraction of its mean.
+    pub damp_percent: f64,
+    /// Added to `damp_percent` each time the Hessian proves not positive definite.
+    pub damp_auto_increment: f64,
+    /// Clipping-grid search for group parameters: the error norm exponent (GPTQModel's `mse`,
+    /// e.g. 2.4); 0 disables it.
+    pub mse: f64,
+    /// Keep asymmetric zero points >= 1, because the v1 format stores `zero - 1` unsigned.
+    pub zero_at_least_one: bool,
+}
+
+/// What a solve produces, in the original column order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GptqOutput {
+    /// Codes, row-major `[in, out]` (the transposed weight, as `qweight` packs it).
+    pub codes: Vec<u8>,
+    /// Scales `[groups, out]`, exactly representable in F16.
+    pub scales: Vec<f32>,
+    /// Zero points `[groups, out]`.
+    pub zeros: Vec<u8>,
+    /// Group of each input column.
+    pub g_idx: Vec<i32>,
+    /// GPTQModel's logged loss: sum of `(w - q)^2 / (2 U_ii^2)` over all weights, over samples.
+    pub loss: f64,
+    /// The dampening that made the Hessian factorizable.
+    pub damp_percent: f64,
+}
+
+impl GptqOutput {
+    /// The dequantized weight, row-major `[out, in]`.
+    pub fn dequantize(&self, out: usize, inp: usize) -> Vec<f32> {
+        let mut w = vec![0f32; out * inp];
+        for i in 0..inp {
+            let g = self.g_idx[i] as usize;
+            for o in 0..out {
+                let (s, z) = (self.scales[g * out + o], self.zeros[g * out + o] as f32);
+                w[o * inp + i] = s * (self.codes[i * out + o] as f32 - z);
+            }
+        }
+        w
+    }
+}
+
+/// Rounds to the nearest F16 value, avoiding zero: codes are chosen for the stored scale.
+fn round_scale(s: f32) -> f32 {
+    let r = half::f16::from_f32(s).to_f32();
+    if r > 0.0 {
+        r
+    } else {
+        half::f16::from_bits(1).to_f32()
+    }
+}
+
+fn quant(x: f32, scale: f32, zero: f32, maxq: f32) -> f32 {
+    ((x / scale).round_ties_even() + zero).clamp(0.0, maxq)
+}
+
+/// Scale and zero point of one group of one output row, from its values.
+///
+/// The range always includes 0. Symmetric ranges are `[-amax, amax]` even when the group has
+/// no negative value (the reference then keeps `[0, max]`, which clips the top half).
+pub fn find_params(vals: &[f32], p: &GptqParams) -> (f32, u8) {
+    let maxq = ((1u32 << p.bits) - 1) as f32;
+    let (mut lo, mut hi) = vals.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    if p.sym {
+        let amax = lo.abs().max(hi);
+        (lo, hi) = (-amax, amax);
+    }
+    if lo == 0.0 && hi == 0.0 {
+        (lo, hi) = (-1.0, 1.0);
+    }
+    let zmin = if p.zero_at_least_one { 1.0 } else { 0.0 };
+    let candidate = |shrink: f32| {
+        let scale = round_scale((hi - lo) * shrink / maxq);
+        let zero = if p.sym { (maxq + 1.0) / 2.0 } else { (-lo * shrink / scale).round_ties_even().clamp(zmin, maxq) };
+        (scale, zero)
+    };
+    let mut best = candidate(1.0);
+    if p.mse > 0.0 {
+        let norm = p.mse as f32;
+        let mut best_err = f32::INFINITY;
+        // The reference's grid: shrink the range by 1% steps down to 20% of it.
+        for i in 0..80 {
+            let (scale, zero) = candidate(1.0 - i as f32 / 100.0);
+            let err: f32 = vals
+                .iter()
+                .map(|&v| {
+                    let e = (scale * (quant(v, scale, zero, maxq) - zero) - v).abs();
+                    if norm == 2.0 {
+                        e * e
+                    } else {
+                        e.powf(norm)
+                    }
+                })
+                .sum();
+            if err < best_err {
+                best_err = err;
+                best = (scale, zero);
+            }
+        }
+    }
+    (best.0, best.1 as u8)
+}
+
+/// Runs GPTQ on `w` (row-major `[out, inp]`) with the Hessian `h` (full symmetric `inp x inp`,
+/// F64) from `nsamples` input rows. `name` labels warnings, errors and progress.
+pub fn gptq(name: &str, w: &[f32], (out, inp): (usize, usize), mut h: Vec<f64>, nsamples: u64, p: &GptqParams) -> Result<GptqOutput> {
+    assert_eq!(w.len(), out * inp);
+    assert_eq!(h.len(), inp * inp);
+    if h.iter().any(|v| !v.is_finite()) {
+        return Err(Error::new(format!("module `{name}`: the Hessian contains NaN or infinity")));
+    }
+    let mut w = w.to_vec();
+    // Inputs that never fire carry no information: the reference zeroes their weights and puts
+    // 1 on their diagonal so the factorization goes through.
+    for i in 0..inp {
+        if h[i * inp + i] == 0.0 {
+            h[i * inp + i] = 1.0;
+            for o in 0..out {
+                w[o * inp + i] = 0.0;
+            }
+        }
+    }
+    let gs = if p.group_size <= 0 { inp } else { (p.group_size as usize).min(inp) };
+    let groups = inp.div_ceil(gs);
+    // Per-row parameters, and groups fixed from the original weights, are found up front.
+    let fixed = p.group_size <= 0 || p.static_groups;
+    let mut perm: Vec<usize> = (0..inp).collect();
+    if p.desc_act {
+        // Stable, so ties keep their original order.
+        perm.sort_by(|&a, &b| h[b * inp + b].total_cmp(&h[a * inp + a]));
+    }
+    let (fixed_scales, fixed_zeros) = if fixed { fixed_params(&w, out, inp, gs, groups, p) } else { (vec![], vec![]) };
+
+    let hp: Vec<f64> = (0..inp * inp).map(|idx| h[perm[idx / inp] * inp + perm[idx % inp]]).collect();
+    drop(h);
+    let (u, damp) = damped_inverse_factor(name, hp, inp, p)?;
+    let u: Vec<f32> = u.into_iter().map(|v| v as f32).collect();
+
+    // Dynamic groups must be fully updated when their parameters are found: keep whole groups
+    // inside one lazy block.
+    let block = if fixed { BLOCK } else if gs <= BLOCK { gs * (BLOCK / gs) } else { gs };
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = (out.div_ceil(2 * threads).div_ceil(16) * 16).clamp(16, 256);
+    let total = (out.div_ceil(chunk) * inp.div_ceil(block)) as u64;
+    let done = AtomicU64::new(0);
+    let reporter = Mutex::new(());
+    let report = || {
+        let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Ok(_guard) = reporter.lock() {
+            progress(d, total, name);
+        }
+    };
+
+    let maxq = ((1u32 << p.bits) - 1) as f32;
+    let chunks: Vec<ChunkResult> = (0..out)
+        .step_by(chunk)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|r0| {
+            let rows = chunk.min(out - r0);
+            let mut wc = vec![0f32; inp * rows];
+            for r in 0..rows {
+                for (j, &c) in perm.iter().enumerate() {
+                    wc[j * rows + r] = w[(r0 + r) * inp + c];
+                }
+            }
+            let mut res = ChunkResult {
+                codes: vec![0u8; inp * rows],
+                scales: vec![0f32; if fixed { 0 } else { groups * rows }],
+                zeros: vec![0u8; if fixed { 0 } else { groups * rows }],
+                loss: 0.0,
+            };
+            let mut err = vec![0f32; block * rows];
+            let (mut scale, mut zero) = (vec![0f32; rows], vec![0f32; rows]);
+            let mut vals = vec![0f32; gs];
+            for i1 in (0..inp).step_by(block) {
+                let i2 = (i1 + block).min(inp);
+                for i in i1..i2 {
+                    if fixed {
+                        let g = if p.group_size <= 0 { 0 } else { perm[i] / gs };
+                        for r in 0..rows {
+                            scale[r] = fixed_scales[g * out + r0 + r];
+                            zero[r] = fixed_zeros[g * out + r0 + r] as f32;
+                        }
+                    } else if i % gs == 0 {
+                        let (g, end) = (i / gs, (i + gs).min(inp));
+                        for r in 0..rows {
+                            let vals = &mut vals[..end - i];
+                            for (k, v) in vals.iter_mut().enumerate() {
+                                *v = wc[(i + k) * rows + r];
+                            }
+                            let (s, z) = find_params(vals, p);
+                            (scale[r], zero[r]) = (s, z as f32);
+                            res.scales[g * rows + r] = s;
+                            res.zeros[g * rows + r] = z;
+                        }
+                    }
+                    let d = u[i * inp + i];
+                    let (col, later) = wc[i * rows..i2 * rows].split_at_mut(rows);
+                    let e = &mut err[(i - i1) * rows..(i - i1 + 1) * rows];
+                    for r in 0..rows {
+                        let q = quant(col[r], scale[r], zero[r], maxq);
+                        res.codes[i * rows + r] = q as u8;
+                        e[r] = (col[r] - scale[r] * (q - zero[r])) / d;
+                        res.loss += (e[r] as f64) * (e[r] as f64) / 2.0;
+                    }
+                    for (j, dst) in later.chunks_exact_mut(rows).enumerate() {
+                        let f = u[i * inp + i + 1 + j];
+                        dst.iter_mut().zip(e.iter()).for_each(|(x, e)| *x -= f * e);
+                    }
+                }
+                // Lazy update of every later column: W[i2.., :] -= U[i1..i2, i2..]^T E.
+                let lhs = Operand { data: &u, offset: i1 * inp + i2, rs: 1, cs: inp };
+                let rhs = Operand::rows(&err, 0, rows);
+                matmul((inp - i2, rows, i2 - i1), &mut wc, (i2 * rows, rows), lhs, rhs, (1.0, -1.0), true, false);
+                report();
+            }
+            res
+        })
+        .collect();
+
+    let mut codes = vec![0u8; inp * out];
+    let (mut scales, mut zeros) = if fixed { (fixed_scales, fixed_zeros) } else { (vec![0f32; groups * out], vec![0u8; groups * out]) };
+    let mut loss = 0f64;
+    for (c, res) in chunks.iter().enumerate() {
+        let r0 = c * chunk;
+        let rows = chunk.min(out - r0);
+        for (j, &col) in perm.iter().enumerate() {
+            codes[col * out + r0..col * out + r0 + rows].copy_from_slice(&res.codes[j * rows..(j + 1) * rows]);
+        }
+        if !fixed {
+            for g in 0..groups {
+                scales[g * out + r0..g * out + r0 + rows].copy_from_slice(&res.scales[g * rows..(g + 1) * rows]);
+                zeros[g * out + r0..g * out + r0 + rows].copy_from_slice(&res.zeros[g * rows..(g + 1) * rows]);
+            }
+        }
+        loss += res.loss;
+    }
+    let mut g_idx = vec![0i32; inp];
+    for (j, &col) in perm.iter().enumerate() {
+        // Dynamic groups follow the processing order; fixed ones the original column order.
+        g_idx[col] = if fixed { (col / gs) as i32 } else { (j / gs) as i32 };
+    }
+    Ok(GptqOutput { codes, scales, zeros, g_idx, loss: loss / nsamples.max(1) as f64, damp_percent: damp })
+}
+
+struct ChunkResult {
+    codes: Vec<u8>,
+    scales: Vec<f32>,
+    zeros: Vec<u8>,
+    loss: f64,
+}
+
+/// Parameters of every group of consecutive original columns (one group per row when
+/// `gs == inp`), from the weights as given: `[groups, out]` scales and zeros.
+fn fixed_params(w: &[f32], out: usize, inp: usize, gs: usize, groups: usize, p: &GptqParams) -> (Vec<f32>, Vec<u8>) {
+    let per_row: Vec<(f32, u8)> = (0..out)
+        .into_par_iter()
+        .flat_map_iter(|o| w[o * inp..(o + 1) * inp].chunks(gs).map(|g| find_params(g, p)).collect::<Vec<_>>())
+        .collect();
+    let mut scales = vec![0f32; groups * out];
+    let mut zeros = vec![0u8; groups * out];
+    for o in 0..out {
+        for g in 0..groups {
+            (scales[g * out + o], zeros[g * out + o]) = per_row[o * groups + g];
+        }
+    }
+    (scales, zeros)
+}
+
+/// Dampens `h` and factors its inverse, raising the dampening step by step (with a warning
+/// naming the module) while `h` is not positive definite. Returns `U` and the dampening used.
+fn damped_inverse_factor(name: &str, h: Vec<f64>, n: usize, p: &GptqParams) -> Result<(Vec<f64>, f64)> {
+    let mean = (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
+    let mut damp = p.damp_percent;
+    loop {
+        let mut h2 = h.clone();
+        for i in 0..n {
+            h2[i * n + i] += damp * mean;
+        }
+        match inverse_cholesky_upper(&h2, n) {
+            Ok(u) => return Ok((u, damp)),
+            Err(col) => {
+                let next = damp + p.damp_auto_increment;
+                if p.damp_auto_increment <= 0.0 || next >= 1.0 {
+                    return Err(Error::new(format!(
+                        "module `{name}`: the Hessian is not positive definite (column {col}) even with \
+                         damp_percent {damp:.4}; give more calibration data or raise damp_percent"
+                    )));
+                }
+                log::warn!(
+                    "module `{name}`: Hessian not positive definite (column {col}) with damp_percent {damp:.4}, \
+                     raising it to {next:.4}"
+                );
+                damp = next;
+            }
+        }
+    }
+}

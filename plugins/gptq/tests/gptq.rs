@@ -1,0 +1,301 @@
+//! GPTQ against round-to-nearest, act-order, degenerate Hessians, and the plugin hooks end to end.
+
+use kvant_gptq::{gptq, quantization_config, Gptq, GptqParams, HessianObserver};
+use kvant_plugin_api::{
+    dense::linear_forward, Config, DType, Module, ModuleKind, ModuleTensors, Observer, QuantMethod, Summary, Tensor,
+    TensorSpec, TensorView,
+};
+use serde_json::{json, Map, Value};
+
+/// Deterministic, roughly standard normal values.
+fn normal(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            let mut acc = 0.0;
+            for _ in 0..12 {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                acc += (s >> 40) as f32 / (1u64 << 24) as f32;
+            }
+            acc - 6.0
+        })
+        .collect()
+}
+
+/// Correlated activations with uneven channel scales, like a transformer's: `rows x inp`.
+fn activations(rows: usize, inp: usize, seed: u64) -> Vec<f32> {
+    let k = inp / 4;
+    let z = normal(rows * k, seed);
+    let mix = normal(k * inp, seed + 1);
+    let scale: Vec<f32> = (0..inp).map(|i| 0.3 + ((i * 37) % 11) as f32 / 4.0).collect();
+    let mut x = vec![0f32; rows * inp];
+    for r in 0..rows {
+        for i in 0..inp {
+            let dot: f32 = (0..k).map(|j| z[r * k + j] * mix[j * inp + i]).sum();
+            x[r * inp + i] = scale[i] * (dot / (k as f32).sqrt() + 0.3 * z[r * k + i % k]);
+        }
+    }
+    x
+}
+
+fn params(bits: u32, group_size: i64, sym: bool, desc_act: bool) -> GptqParams {
+    GptqParams {
+        bits,
+        group_size,
+        sym,
+        desc_act,
+        static_groups: false,
+        damp_percent: 0.05,
+        damp_auto_increment: 0.01,
+        mse: 0.0,
+        zero_at_least_one: false,
+    }
+}
+
+fn hessian(x: &[f32], rows: usize, inp: usize) -> (Vec<f64>, u64) {
+    let mut obs = HessianObserver::new("test", inp);
+    obs.observe(x, rows).unwrap();
+    (obs.hessian(), obs.rows())
+}
+
+fn identity(n: usize) -> Vec<f64> {
+    (0..n * n).map(|k| if k % (n + 1) == 0 { 1.0 } else { 0.0 }).collect()
+}
+
+/// `||X W^T - X Q^T||` relative to `||X W^T||`.
+fn output_error(x: &[f32], rows: usize, w: &[f32], q: &[f32], shape: (usize, usize)) -> f64 {
+    let a = linear_forward(x, rows, w, shape, None);
+    let b = linear_forward(x, rows, q, shape, None);
+    kvant_plugin_api::dense::relative_error(&b, &a)
+}
+
+#[test]
+fn gptq_beats_round_to_nearest_on_the_calibration_inputs() {
+    let (out, inp, rows) = (96, 320, 1024);
+    let x = activations(rows, inp, 11);
+    let w = normal(out * inp, 12);
+    let (h, n) = hessian(&x, rows, inp);
+    for (bits, group, sym, desc_act) in [(4, 128, true, false), (4, 64, false, false), (3, 128, false, true), (2, -1, false, false), (8, 32, true, true)] {
+        let p = params(bits, group, sym, desc_act);
+        let rtn = gptq("rtn", &w, (out, inp), identity(inp), 1, &params(bits, group, sym, false)).unwrap();
+        let q = gptq("gptq", &w, (out, inp), h.clone(), n, &p).unwrap();
+        let e_rtn = output_error(&x, rows, &w, &rtn.dequantize(out, inp), (out, inp));
+        let e_gptq = output_error(&x, rows, &w, &q.dequantize(out, inp), (out, inp));
+        eprintln!("bits {bits} group {group} sym {sym} act-order {desc_act}: RTN {e_rtn:.4}, GPTQ {e_gptq:.4}, loss {:.4}", q.loss);
+        assert!(e_gptq < 0.8 * e_rtn, "bits {bits} group {group}: GPTQ {e_gptq} vs RTN {e_rtn}");
+        assert!(q.loss.is_finite() && q.loss > 0.0);
+    }
+}
+
+#[test]
+fn act_order_g_idx_follows_the_processing_order() {
+    let (out, inp, rows) = (32, 96, 256);
+    let mut x = activations(rows, inp, 3);
+    // Make the diagonal strictly ordered: input i gets a distinct, shuffled magnitude.
+    let rank: Vec<usize> = (0..inp).map(|i| (i * 61) % inp).collect();
+    for r in 0..rows {
+        for i in 0..inp {
+            x[r * inp + i] *= 1.0 + rank[i] as f32;
+        }
+    }
+    let (h, n) = hessian(&x, rows, inp);
+    let w = normal(out * inp, 4);
+    let q = gptq("m", &w, (out, inp), h.clone(), n, &params(4, 32, true, true)).unwrap();
+    let mut order: Vec<usize> = (0..inp).collect();
+    order.sort_by(|&a, &b| h[b * inp + b].total_cmp(&h[a * inp + a]));
+    for (pos, &col) in order.iter().enumerate() {
+        assert_eq!(q.g_idx[col], (pos / 32) as i32, "column {col} at position {pos}");
+    }
+    // Static groups keep consecutive groups in the original order.
+    let mut p = params(4, 32, true, true);
+    p.static_groups = true;
+    let s = gptq("m", &w, (out, inp), h, n, &p).unwrap();
+    assert!(s.g_idx.iter().enumerate().all(|(i, &g)| g == (i / 32) as i32));
+}
+
+#[test]
+fn short_last_group_is_handled() {
+    // 576 inputs with group 128: four full groups and one of 64.
+    let (out, inp, rows) = (32, 576, 600);
+    let x = activations(rows, inp, 5);
+    let w = normal(out * inp, 6);
+    let (h, n) = hessian(&x, rows, inp);
+    for desc_act in [false, true] {
+        let q = gptq("m", &w, (out, inp), h.clone(), n, &params(4, 128, true, desc_act)).unwrap();
+        assert_eq!(q.scales.len(), 5 * out);
+        let mut counts = [0; 5];
+        q.g_idx.iter().for_each(|&g| counts[g as usize] += 1);
+        assert_eq!(counts, [128, 128, 128, 128, 64]);
+        assert!(q.dequantize(out, inp).iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn dead_inputs_are_zeroed_without_nan() {
+    let (out, inp, rows) = (32, 64, 200);
+    let mut x = activations(rows, inp, 7);
+    for r in 0..rows {
+        for i in [0, 5, 63] {
+            x[r * inp + i] = 0.0;
+        }
+    }
+    let (h, n) = hessian(&x, rows, inp);
+    let w = normal(out * inp, 8);
+    for desc_act in [false, true] {
+        let q = gptq("m", &w, (out, inp), h.clone(), n, &params(4, 32, false, desc_act)).unwrap();
+        let back = q.dequantize(out, inp);
+        assert!(back.iter().all(|v| v.is_finite()) && q.loss.is_finite());
+        for o in 0..out {
+            for i in [0, 5, 63] {
+                assert_eq!(back[o * inp + i], 0.0, "dead input {i} of row {o}");
+            }
+        }
+    }
+}
+
+#[test]
+fn non_positive_definite_hessian_raises_damping_instead_of_nan() {
+    let (out, inp) = (32, 64);
+    // Identity minus a strong rank-one term: one eigenvalue is -0.5 while the mean diagonal
+    // stays near 1, so damp 0.05 fails and the dampening must grow.
+    let v: Vec<f64> = (0..inp).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 } / (inp as f64).sqrt()).collect();
+    let h: Vec<f64> = (0..inp * inp).map(|k| if k % (inp + 1) == 0 { 1.0 } else { 0.0 } - 1.5 * v[k / inp] * v[k % inp]).collect();
+    let w = normal(out * inp, 9);
+    let q = gptq("layers.3.mlp.down_proj", &w, (out, inp), h.clone(), 100, &params(4, 32, true, false)).unwrap();
+    assert!(q.damp_percent > 0.5 && q.damp_percent < 1.0, "damp {}", q.damp_percent);
+    assert!(q.dequantize(out, inp).iter().all(|v| v.is_finite()) && q.loss.is_finite());
+    // Without auto-increment it is an error naming the module, not NaN.
+    let mut p = params(4, 32, true, false);
+    p.damp_auto_increment = 0.0;
+    let e = gptq("layers.3.mlp.down_proj", &w, (out, inp), h, 100, &p).unwrap_err();
+    assert!(e.0.contains("layers.3.mlp.down_proj") && e.0.contains("positive definite"), "{e}");
+}
+
+#[test]
+fn mse_clipping_search_never_increases_the_group_error() {
+    let (out, inp, rows) = (64, 256, 512);
+    let x = activations(rows, inp, 13);
+    let w = normal(out * inp, 14);
+    let (h, n) = hessian(&x, rows, inp);
+    let plain = gptq("m", &w, (out, inp), h.clone(), n, &params(3, 128, true, false)).unwrap();
+    let mut p = params(3, 128, true, false);
+    p.mse = 2.4;
+    let searched = gptq("m", &w, (out, inp), h, n, &p).unwrap();
+    let e_plain = output_error(&x, rows, &w, &plain.dequantize(out, inp), (out, inp));
+    let e_mse = output_error(&x, rows, &w, &searched.dequantize(out, inp), (out, inp));
+    eprintln!("3-bit g128 sym: plain {e_plain:.4}, mse 2.4 {e_mse:.4}");
+    assert!(e_mse < e_plain);
+}
+
+fn config(method: &Gptq, user: Value) -> Config {
+    let info = method.info();
+    let c = Config::validate(&info.options, user.as_object().unwrap()).unwrap();
+    assert!(method.check_config(&c).is_empty());
+    c
+}
+
+fn module(out: usize, inp: usize, bias: bool) -> Module {
+    let mut tensors = vec![TensorSpec::new("weight", DType::BF16, [out, inp])];
+    if bias {
+        tensors.push(TensorSpec::new("bias", DType::BF16, [out]));
+    }
+    Module { name: "model.layers.0.mlp.up_proj".into(), kind: ModuleKind::Linear, tensors, not_converted: None }
+}
+
+/// Plan, observe, quantize, then read the packed tensors back as a pre-quantized checkpoint.
+#[test]
+fn hooks_round_trip_every_width_and_both_formats() {
+    let method = Gptq;
+    let (out, inp, rows) = (64, 576, 300);
+    let x = activations(rows, inp, 21);
+    let w = normal(out * inp, 22);
+    let bias = normal(out, 23);
+    for (bits, format, sym, desc_act) in
+        [(4, "gptq", true, false), (3, "gptq", false, true), (2, "gptq_v2", false, false), (8, "gptq_v2", true, true), (4, "gptq", false, true)]
+    {
+        let c = config(&method, json!({"bits": bits, "checkpoint_format": format, "sym": sym, "desc_act": desc_act}));
+        let plan = method.plan_linear(&module(out, inp, true), &c).unwrap().unwrap();
+        let mut obs = method.new_observer(&plan, &c).unwrap();
+        obs.observe(&x[..100 * inp], 100).unwrap();
+        obs.observe(&x[100 * inp..], rows - 100).unwrap();
+        let wt = Tensor::from_f32_as("weight", DType::BF16, [out, inp], &w);
+        let bt = Tensor::from_f32_as("bias", DType::BF16, [out], &bias);
+        let views = [wt.view(), bt.view()];
+        let q = method.quantize(&ModuleTensors { plan: &plan, tensors: &views }, Some(&obs), &c).unwrap();
+        let specs: Vec<TensorSpec> = q.tensors.iter().map(Tensor::spec).collect();
+        assert_eq!(specs, plan.tensors, "bits {bits}");
+        assert!(q.loss.unwrap().is_finite());
+
+        // Read back through the checkpoint's own quantization_config.
+        let qc = method.process_model_after_weight_loading(&Summary::default(), &c).unwrap();
+        let read = method.config_from_checkpoint(&qc).unwrap();
+        let c2 = Config::validate(&method.info().options, &read).unwrap();
+        assert_eq!(c2, c);
+        let unknown = kvant_plugin_api::ModulePlan { name: plan.name.clone(), shape: (0, 0), tensors: vec![], attrs: Value::Null };
+        let packed: Vec<TensorView<'_>> = q.tensors.iter().map(Tensor::view).collect();
+        let m = ModuleTensors { plan: &unknown, tensors: &packed };
+        assert_eq!(method.linear_shape(&m, &c2).unwrap(), (out, inp));
+        let back = method.dequantize(&m, &c2).unwrap();
+        let wq = wt.view().to_f32();
+        let err = output_error(&x, rows, &wq, &back, (out, inp));
+        let limit = [0.0, 0.0, 0.5, 0.3, 0.15, 0.0, 0.0, 0.0, 0.01][bits as usize];
+        assert!(err < limit, "bits {bits}: output error {err}");
+        // Forward on the packed layout, few rows and many, against dequantize + matmul.
+        let b16: Vec<f32> = bt.view().to_f32().iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+        for r in [3, 40] {
+            let y = method.forward(&m, &x[..r * inp], r, &c2).unwrap();
+            let want = linear_forward(&x[..r * inp], r, &back, (out, inp), Some(&b16));
+            assert!(kvant_plugin_api::dense::relative_error(&y, &want) < 1e-5, "bits {bits} rows {r}");
+        }
+    }
+}
+
+#[test]
+fn v1_symmetric_qzeros_hold_seven_and_config_matches_gptqmodel() {
+    let method = Gptq;
+    let c = config(&method, json!({}));
+    let (out, inp) = (32, 64);
+    let plan = method.plan_linear(&module(out, inp, false), &c).unwrap().unwrap();
+    let mut obs = method.new_observer(&plan, &c).unwrap();
+    obs.observe(&activations(128, inp, 1), 128).unwrap();
+    let wt = Tensor::f32("weight", [out, inp], &normal(out * inp, 2));
+    let views = [wt.view()];
+    let q = method.quantize(&ModuleTensors { plan: &plan, tensors: &views }, Some(&obs), &c).unwrap();
+    let qzeros = q.tensors.iter().find(|t| t.name == "qzeros").unwrap();
+    assert_eq!(qzeros.shape, [1, 4]);
+    assert!(qzeros.view().cast::<i32>().unwrap().iter().all(|&v| v == 0x7777_7777));
+
+    let qc = quantization_config(&c);
+    let want = json!({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": false, "sym": true,
+                      "damp_percent": 0.05, "static_groups": false, "true_sequential": true, "checkpoint_format": "gptq"});
+    for (k, v) in want.as_object().unwrap() {
+        assert_eq!(qc.get(k), Some(v), "{k}");
+    }
+    assert_eq!(qc["meta"]["damp_percent"], json!(0.05));
+}
+
+#[test]
+fn checkpoint_configs_of_other_tools_are_understood() {
+    let method = Gptq;
+    // A GPTQModel config with the format under `format` and damping under `meta`.
+    let qc: Map<String, Value> = serde_json::from_value(json!({
+        "bits": 3, "group_size": 64, "desc_act": true, "sym": false, "lm_head": false, "quant_method": "gptq",
+        "format": "gptq_v2", "pack_dtype": "int32",
+        "meta": {"quantizer": ["gptqmodel:4.0.0"], "damp_percent": 0.1, "static_groups": false, "mse": null}
+    }))
+    .unwrap();
+    let options = method.config_from_checkpoint(&qc).unwrap();
+    let c = Config::validate(&method.info().options, &options).unwrap();
+    assert_eq!((c.int("bits"), c.int("group_size"), c.bool("sym")), (3, 64, false));
+    assert_eq!((c.str("checkpoint_format"), c.float("damp_percent")), ("gptq_v2", 0.1));
+    let bad: Map<String, Value> = serde_json::from_value(json!({"quant_method": "gptq", "checkpoint_format": "marlin"})).unwrap();
+    assert!(method.config_from_checkpoint(&bad).is_err());
+}
+
+#[test]
+fn widths_that_do_not_fill_words_stay_dense() {
+    let method = Gptq;
+    let c = config(&method, json!({}));
+    assert!(method.plan_linear(&module(33, 64, false), &c).unwrap().is_none());
+    assert!(method.plan_linear(&module(64, 70, false), &c).unwrap().is_none());
+}
