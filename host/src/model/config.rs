@@ -66,9 +66,6 @@ impl LlamaConfig {
         if act != "silu" {
             bail!("hidden_act `{act}` is not supported (only silu)");
         }
-        if cfg.get("mlp_bias").and_then(Value::as_bool) == Some(true) {
-            bail!("mlp_bias = true is not supported");
-        }
         let hidden_size = usize_key(cfg, "hidden_size")?;
         let num_heads = usize_key(cfg, "num_attention_heads")?;
         let num_kv_heads = opt_usize(cfg, "num_key_value_heads")?.unwrap_or(num_heads);

@@ -257,7 +257,8 @@ fn load_tensor(source: &dyn TensorSource, name: &str, shape: &[usize]) -> Result
     source.tensor_f32(name)
 }
 
-/// A Linear from the factory, or else dense from `{name}.weight` and an optional `{name}.bias`.
+/// A Linear from the factory, or else dense from `{name}.weight` and an optional `{name}.bias`
+/// (so qwen2's q/k/v biases and llama's `attention_bias`/`mlp_bias` need no config flag).
 fn make_linear(
     source: &dyn TensorSource,
     factory: &mut LinearFactory,
