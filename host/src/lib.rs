@@ -9,3 +9,6 @@ pub mod registry;
 pub mod requirements;
 pub mod model;
 pub mod eval;
+pub mod calibration;
+pub mod import;
+pub mod packed;

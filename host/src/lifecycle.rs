@@ -11,13 +11,15 @@ use anyhow::{anyhow, bail, Context, Result};
 use kvant_plugin_api::dense::relative_error;
 use kvant_plugin_api::ffi::MethodClient;
 use kvant_plugin_api::tensor::from_f32;
-use kvant_plugin_api::{Config, DType, Environment, ModulePlan, Plan, Summary, Tensor, TensorSpec, TensorView};
+use kvant_plugin_api::{Config, DType, Environment, ModulePlan, Plan, Quantized, Summary, Tensor, TensorSpec, TensorView};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::arch::{self, ModulePattern};
+use crate::calibration::{activation_bytes, calibration_tokens, quantize_calibrated, CalibrationSpec};
 use crate::checkpoint::{split_module_name, Checkpoint, CheckpointWriter, WriterOptions};
 use crate::progress::Bar;
+use crate::model::{LlamaConfig, LlamaModel};
 use crate::registry::{Method, Registry};
 use crate::requirements;
 
@@ -44,7 +46,11 @@ pub struct QuantizeRequest {
     pub max_shard_bytes: u64,
     /// Draw progress bars.
     pub progress: bool,
+    /// Calibration data, for methods that need it.
+    pub calibration: Option<CalibrationSpec>,
 }
+
+const GIB: f64 = (1u64 << 30) as f64;
 
 /// Reconstruction error of one converted module.
 #[derive(Clone, Debug, Serialize)]
@@ -217,6 +223,16 @@ fn check_plan(plan: &Plan, skeleton: &kvant_plugin_api::Skeleton) -> Result<()> 
     Ok(())
 }
 
+/// The tensors of one module, named relative to it (`weight`, `bias`), as views into the checkpoint.
+pub fn module_views<'c>(checkpoint: &'c Checkpoint, module: &str) -> Result<Vec<TensorView<'c>>> {
+    checkpoint
+        .tensors_with_prefix(module)
+        .into_iter()
+        .filter(|n| split_module_name(n).0 == module)
+        .map(|n| checkpoint.view(n).map(|v| TensorView { name: split_module_name(n).1, ..v }))
+        .collect()
+}
+
 fn convert_dense(view: &TensorView<'_>, dtype: Option<DType>) -> Option<Vec<u8>> {
     match dtype {
         Some(d) if view.dtype.is_float() && view.dtype != d => Some(from_f32(d, &view.to_f32())),
@@ -246,7 +262,7 @@ pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeRe
     if !info.flags.is_serializable {
         bail!("method `{name}` cannot save its quantized weights (is_serializable = false), so it cannot write {}", req.out.display());
     }
-    let env = environment(req.threads, false, req.dtype, false);
+    let env = environment(req.threads, false, req.dtype, req.calibration.is_some());
     let unmet = requirements::unmet(&info.required_packages, &env);
     if !unmet.is_empty() {
         bail!("method `{name}` cannot run here:\n  {}", unmet.join("\n  "));
@@ -289,44 +305,76 @@ pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeRe
     };
     let writer = CheckpointWriter::create(&req.out, specs, options)?;
 
-    // 6. Stream: planned modules through the plugin, the rest copied (or cast).
-    let bar = Bar::new(skeleton.modules.len() as u64, "quantize", req.progress);
+    // 6. Weights. What stays dense is copied (or cast). Planned modules go through the method:
+    //    streamed one by one as they are read, or block by block after calibration.
+    for module in skeleton.modules.iter().filter(|m| !planned.contains_key(m.name.as_str())) {
+        for view in module_views(&checkpoint, &module.name)? {
+            let full = format!("{}.{}", module.name, view.name);
+            let full = if module.name.is_empty() { view.name.to_string() } else { full };
+            match convert_dense(&view, dtype) {
+                Some(bytes) => writer.write(&full, &bytes)?,
+                None => writer.write_view(&full, &view)?,
+            }
+            checkpoint.release(&full);
+        }
+    }
     let mut reports = Vec::new();
     let mut quantized_weights = 0u64;
     let mut quantized_bytes = 0u64;
-    for module in &skeleton.modules {
-        bar.step(&module.name);
-        let names = checkpoint.tensors_with_prefix(&module.name);
-        let names: Vec<&str> = names.into_iter().filter(|n| split_module_name(n).0 == module.name).collect();
-        match planned.get(module.name.as_str()) {
-            Some(p) => {
-                let views: Vec<TensorView<'_>> = names
-                    .iter()
-                    .map(|n| checkpoint.view(n).map(|v| TensorView { name: split_module_name(n).1, ..v }))
-                    .collect::<Result<_>>()?;
-                let q = method
-                    .quantize(p, &views, None, &config)
-                    .map_err(|e| anyhow!("method `{name}` failed on module `{}`: {e}", p.name))?;
-                check_against_plan(p, &q.tensors).with_context(|| format!("method `{name}` returned bad tensors"))?;
-                let error = reconstruction_error(method, p, &q.tensors, &views, &config)?;
-                for t in &q.tensors {
-                    writer.write(&format!("{}.{}", p.name, t.name), &t.data)?;
-                    if t.name != "bias" {
-                        quantized_bytes += t.data.len() as u64;
-                    }
-                }
-                quantized_weights += (p.shape.0 * p.shape.1) as u64;
-                reports.push(ModuleReport { name: p.name.clone(), relative_error: error, loss: q.loss });
+    let mut record = |p: &ModulePlan, q: &Quantized| -> Result<()> {
+        let dense = module_views(&checkpoint, &p.name)?;
+        let error = reconstruction_error(method, p, &q.tensors, &dense, &config)?;
+        for t in &q.tensors {
+            writer.write(&format!("{}.{}", p.name, t.name), &t.data)?;
+            if t.name != "bias" {
+                quantized_bytes += t.data.len() as u64;
             }
-            None => {
-                for n in names {
-                    let view = checkpoint.view(n)?;
-                    match convert_dense(&view, dtype) {
-                        Some(bytes) => writer.write(n, &bytes)?,
-                        None => writer.write_view(n, &view)?,
-                    }
-                }
-            }
+        }
+        // Streaming: the module's input pages leave resident memory with it.
+        for v in &dense {
+            checkpoint.release(&format!("{}.{}", p.name, v.name));
+        }
+        quantized_weights += (p.shape.0 * p.shape.1) as u64;
+        reports.push(ModuleReport { name: p.name.clone(), relative_error: error, loss: q.loss });
+        Ok(())
+    };
+    let bar = Bar::new(plan.modules.len() as u64, "quantize", req.progress);
+    if info.flags.requires_calibration {
+        let spec = req.calibration.as_ref().expect("the calibration requirement was checked");
+        let tokenizer = req.model.join("tokenizer.json");
+        if !tokenizer.is_file() {
+            bail!("{}: calibration needs the model's tokenizer.json, which is missing", req.model.display());
+        }
+        let tokens = calibration_tokens(&tokenizer, spec)?;
+        let llama = LlamaConfig::from_json(checkpoint.config())
+            .with_context(|| format!("{}: calibration runs the model, and its config.json is not supported", req.model.display()))?;
+        let mut model = LlamaModel::load(llama, &checkpoint, &mut |_| Ok(None))?;
+        let need = skeleton.modules.iter().flat_map(|m| &m.tensors).map(|t| t.numel() as u64 * 4).sum::<u64>()
+            + activation_bytes(&model, spec.n_samples * spec.seq_len);
+        let have = available_memory();
+        log::info!("calibration holds about {:.1} GiB ({:.1} GiB available)", need as f64 / GIB, have as f64 / GIB);
+        if have > 0 && need > have {
+            bail!(
+                "calibrating {} needs about {:.1} GiB but {:.1} GiB are available; lower --calibration-samples or \
+                 --calibration-seq-len",
+                req.model.display(),
+                need as f64 / GIB,
+                have as f64 / GIB
+            );
+        }
+        let true_sequential = config.get("true_sequential").and_then(Value::as_bool).unwrap_or(true);
+        let windows = (spec.n_samples, spec.seq_len);
+        quantize_calibrated(&checkpoint, &mut model, method, &config, &plan, &tokens, windows, true_sequential, &bar, &mut record)?;
+    } else {
+        for module in skeleton.modules.iter() {
+            let Some(p) = planned.get(module.name.as_str()) else { continue };
+            bar.step(&p.name);
+            let views = module_views(&checkpoint, &p.name)?;
+            let q = method
+                .quantize(p, &views, None, &config)
+                .map_err(|e| anyhow!("method `{name}` failed on module `{}`: {e}", p.name))?;
+            check_against_plan(p, &q.tensors).with_context(|| format!("method `{name}` returned bad tensors"))?;
+            record(p, &q)?;
         }
     }
     drop(bar);
@@ -383,14 +431,16 @@ fn reconstruction_error(
     config: &Config,
 ) -> Result<f64> {
     let views: Vec<TensorView<'_>> = tensors.iter().map(Tensor::view).collect();
-    let back = method
-        .dequantize(plan, &views, config)
-        .map_err(|e| anyhow!("method `{}` cannot dequantize `{}` it just wrote: {e}", method.info().name, plan.name))?;
     let w = dense.iter().find(|v| v.name == "weight").ok_or_else(|| anyhow!("module `{}` has no weight", plan.name))?;
-    if back.len() != plan.shape.0 * plan.shape.1 {
-        bail!("method `{}` dequantized `{}` to {} values, expected {:?}", method.info().name, plan.name, back.len(), plan.shape);
-    }
-    Ok(relative_error(&back, &w.as_f32()))
+    // Read where the plugin left it: a copy would cost as much memory and time as the weight.
+    method
+        .dequantize_with(plan, &views, config, |back| {
+            if back.len() != plan.shape.0 * plan.shape.1 {
+                bail!("method `{}` dequantized `{}` to {} values, expected {:?}", method.info().name, plan.name, back.len(), plan.shape);
+            }
+            Ok(relative_error(back, &w.as_f32()))
+        })
+        .map_err(|e| anyhow!("method `{}` cannot dequantize `{}` it just wrote: {e}", method.info().name, plan.name))?
 }
 
 /// A quantized module of a pre-quantized checkpoint, ready for `dequantize` and `forward`.

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use kvant::checkpoint::Checkpoint;
+use kvant::calibration::CalibrationSpec;
 use kvant::lifecycle::{self, QuantizeReport, QuantizeRequest};
 use kvant::registry::{Registry, Sources};
 use kvant_plugin_api::DType;
@@ -61,9 +62,9 @@ enum Command {
     },
     /// Quantize a checkpoint with a method and write a new checkpoint
     Quantize(QuantizeArgs),
-    /// Expand a quantized checkpoint back to dense weights
+    /// Expand a quantized checkpoint (or a GGUF file) back to a dense Hugging Face folder
     Dequantize {
-        /// A quantized Hugging Face model folder
+        /// A quantized Hugging Face model folder, or a .gguf file
         model: PathBuf,
         /// Output folder
         #[arg(short, long)]
@@ -75,6 +76,22 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Perplexity of a model on texts; with --reference, KL divergence and top-1 agreement too
+    Eval {
+        /// A Hugging Face model folder (dense or quantized by a loaded method)
+        model: PathBuf,
+        /// Text files, concatenated in the order given
+        #[arg(long, required = true, num_args = 1.., value_name = "PATH")]
+        text: Vec<PathBuf>,
+        /// The model to compare against (usually the unquantized one)
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        #[command(flatten)]
+        options: EvalArgs,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
     /// Work with plugin libraries
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -82,7 +99,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PluginCommand {
-    /// Load one plugin library and report what it declares
+    /// Load one plugin library and run the conformance suite on each of its methods
     Check {
         /// The plugin library (.so, .dylib, .dll)
         path: PathBuf,
@@ -117,9 +134,36 @@ struct QuantizeArgs {
     /// Largest output shard, in bytes
     #[arg(long, default_value_t = kvant::checkpoint::DEFAULT_MAX_SHARD_BYTES)]
     max_shard_bytes: u64,
+    /// Calibration text: files, folders of .txt/.jsonl, JSON lines with a `text` field (repeatable)
+    #[arg(long, value_name = "PATH")]
+    calibration: Vec<PathBuf>,
+    /// Calibration windows
+    #[arg(long, default_value_t = 128)]
+    calibration_samples: usize,
+    /// Tokens per calibration window
+    #[arg(long, default_value_t = 512)]
+    calibration_seq_len: usize,
+    /// Seed of the calibration window choice
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// After quantizing, evaluate the output against the input model on these texts
+    #[arg(long, value_name = "TEXT")]
+    eval: Vec<PathBuf>,
+    #[command(flatten)]
+    eval_options: EvalArgs,
     /// Print the summary as JSON
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args, Clone)]
+struct EvalArgs {
+    /// Tokens per evaluation window
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Number of windows (default: all the text gives)
+    #[arg(long)]
+    windows: Option<usize>,
 }
 
 /// A mistake in how kvant was called (exit code 2), as opposed to a failure while working (1).
@@ -228,9 +272,28 @@ fn run(cli: Cli) -> Result<()> {
         Command::Quantize(args) => quantize(g, args),
         Command::Dequantize { model, out, dtype, force } => {
             let dtype = parse_dtype(&dtype)?;
-            let n = lifecycle::dequantize(&load_registry(g)?, &model, &out, dtype, force, !g.quiet)?;
+            let registry = load_registry(g)?;
+            if kvant::import::is_gguf(&model) {
+                let r = kvant::import::import_gguf(&registry, &model, &out, dtype, force, !g.quiet)?;
+                if !g.quiet {
+                    let tok = if r.tokenizer { ", tokenizer rebuilt" } else { ", no tokenizer" };
+                    println!("wrote {} ({} tensors as {dtype}{tok})", out.display(), r.tensors);
+                }
+                return Ok(());
+            }
+            let n = lifecycle::dequantize(&registry, &model, &out, dtype, force, !g.quiet)?;
             if !g.quiet {
                 println!("wrote {} ({n} modules dequantized to {dtype})", out.display());
+            }
+            Ok(())
+        }
+        Command::Eval { model, text, reference, options, json } => {
+            let registry = load_registry(g)?;
+            let result = evaluate(&registry, &model, reference.as_deref(), &text, &options, !g.quiet)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            } else {
+                print!("{}", kvant::eval::format_table(&result));
             }
             Ok(())
         }
@@ -370,6 +433,12 @@ fn quantize(g: &Global, args: QuantizeArgs) -> Result<()> {
         threads: threads(g),
         max_shard_bytes: args.max_shard_bytes,
         progress: !g.quiet,
+        calibration: (!args.calibration.is_empty()).then(|| CalibrationSpec {
+            paths: args.calibration.clone(),
+            n_samples: args.calibration_samples,
+            seq_len: args.calibration_seq_len,
+            seed: args.seed,
+        }),
     };
     let report = lifecycle::quantize(&registry, &request).map_err(|e| {
         if e.to_string().starts_with("invalid options") || e.to_string().starts_with("no method named") {
@@ -378,12 +447,51 @@ fn quantize(g: &Global, args: QuantizeArgs) -> Result<()> {
             e
         }
     })?;
+    let quality = if args.eval.is_empty() {
+        None
+    } else {
+        Some(evaluate(&registry, &args.out, Some(&args.model), &args.eval, &args.eval_options, !g.quiet)?)
+    };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", serde_json::to_string_pretty(&json!({"quantization": report, "evaluation": quality}))?);
     } else if !g.quiet {
         print_report(&report);
+        if let Some(q) = quality {
+            println!("quality against {}:", args.model.display());
+            print!("{}", kvant::eval::format_table(&q));
+        }
     }
     Ok(())
+}
+
+/// Loads `model` (and `reference`), tokenizes `texts` with the model's tokenizer.json and
+/// evaluates, with a bar over the work.
+fn evaluate(
+    registry: &Registry,
+    model: &Path,
+    reference: Option<&Path>,
+    texts: &[PathBuf],
+    options: &EvalArgs,
+    progress: bool,
+) -> Result<kvant::eval::EvalResult> {
+    let tokenizer = model.join("tokenizer.json");
+    if !tokenizer.is_file() {
+        bail!("{} has no tokenizer.json; evaluation needs it", model.display());
+    }
+    let tokens = kvant::eval::tokenize(&tokenizer, texts)?;
+    let loaded = kvant::packed::load_model(registry, model)?;
+    if let Some(m) = &loaded.method {
+        log::info!("{}: {} layers run packed through method `{m}`", model.display(), loaded.packed_layers);
+    }
+    let reference = reference.map(|r| kvant::packed::load_model(registry, r)).transpose()?;
+    let opts = kvant::eval::EvalOptions { ctx: options.ctx, windows: options.windows, ..Default::default() };
+    let bar = std::cell::RefCell::new(None::<kvant::progress::Bar>);
+    let result = kvant::eval::evaluate(&loaded.model, reference.as_ref().map(|r| &r.model), &tokens, &opts, &mut |done, total| {
+        let mut bar = bar.borrow_mut();
+        let bar = bar.get_or_insert_with(|| kvant::progress::Bar::new(total as u64, "eval", progress));
+        bar.set_position(done as u64);
+    })?;
+    Ok(result)
 }
 
 fn print_report(r: &QuantizeReport) {
@@ -407,32 +515,18 @@ fn print_report(r: &QuantizeReport) {
 }
 
 fn plugin_check(g: &Global, path: &Path) -> Result<()> {
-    let dir = tempdir_for(path)?;
-    let registry = Registry::load(&Sources { registry_file: None, plugins_dir: Some(dir.clone()), threads: threads(g) });
-    let _ = std::fs::remove_dir_all(&dir);
-    let registry = registry?;
-    if let Some(b) = registry.broken().first() {
-        bail!("{}: {}", path.display(), b.reason);
+    if !path.is_file() {
+        return Err(usage(format!("{} is not a file", path.display())));
     }
-    let names: Vec<&str> = registry.methods().map(|(n, _)| n).collect();
-    if names.is_empty() {
-        return Err(anyhow!("{} declares no methods", path.display()));
+    let report = kvant::conformance::check_library(path, threads(g)).map_err(|reason| anyhow!("{}: {reason}", path.display()))?;
+    println!("{}: {} method(s): {}", path.display(), report.methods.len(), report.methods.join(", "));
+    for check in &report.checks {
+        println!("{check}");
     }
-    println!("{}: {} method(s): {}", path.display(), names.len(), names.join(", "));
+    let failed = report.failures().count();
+    if failed > 0 {
+        bail!("{}: {failed} of {} checks failed", path.display(), report.checks.len());
+    }
+    println!("all {} checks passed", report.checks.len());
     Ok(())
-}
-
-/// A private folder holding only a link to `path`, so the registry's folder scan loads just it.
-fn tempdir_for(path: &Path) -> Result<PathBuf> {
-    let abs = path.canonicalize().with_context(|| format!("cannot find {}", path.display()))?;
-    let dir = std::env::temp_dir().join(format!("kvant-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let name = abs.file_name().ok_or_else(|| usage(format!("{} is not a file", path.display())))?;
-    let link = dir.join(name);
-    let _ = std::fs::remove_file(&link);
-    #[cfg(unix)]
-    std::os::unix::fs::symlink(&abs, &link)?;
-    #[cfg(not(unix))]
-    std::fs::copy(&abs, &link)?;
-    Ok(dir)
 }

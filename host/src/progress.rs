@@ -32,10 +32,11 @@ impl Bar {
         self.bar.set_message(message.to_string());
     }
 
-    /// Sets the message without advancing.
-    pub fn message(&self, message: &str) {
-        self.bar.set_message(message.to_string());
+    /// Moves to `done` units.
+    pub fn set_position(&self, done: u64) {
+        self.bar.set_position(done);
     }
+
 
     /// Prints a line above the bar.
     pub fn println(&self, line: &str) {

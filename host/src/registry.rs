@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use abi_stable::library::{lib_header_from_path, LibraryError};
 use abi_stable::std_types::RStr;
@@ -56,8 +57,8 @@ impl std::fmt::Display for Origin {
 
 /// A loaded, usable method.
 pub struct Method {
-    /// The method itself.
-    pub client: MethodClient,
+    /// The method itself (shared with the quantized layers that run on it).
+    pub client: Arc<MethodClient>,
     /// Where it came from.
     pub origin: Origin,
 }
@@ -222,7 +223,7 @@ impl Registry {
                     );
                 }
                 let origin = if entries.is_some() { Origin::Registry(path.clone()) } else { Origin::DropIn(path.clone()) };
-                registry.methods.insert(name, Method { client, origin });
+                registry.methods.insert(name, Method { client: Arc::new(client), origin });
             }
             loaded.insert(key, names);
         }
@@ -287,6 +288,12 @@ fn check_pins(path: &Path, pins: &[&str]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Opens the single library at `path`, outside any registry, lending it `threads` threads:
+/// its methods, or why it cannot be used (the reason `kvant list` would show).
+pub fn open_plugin(path: &Path, threads: usize) -> Result<Vec<MethodClient>, String> {
+    open_library(path, host_callbacks(threads))
 }
 
 /// Opens one library and returns its methods, or why it cannot be used.

@@ -601,15 +601,30 @@ impl MethodClient {
 
     /// [`QuantMethod::dequantize`].
     pub fn dequantize(&self, module: &ModulePlan, tensors: &[TensorView<'_>], config: &Config) -> Result<Vec<f32>, Error> {
+        Ok(self.dequantize_on_wire(module, tensors, config)?.into_vec())
+    }
+
+    /// [`QuantMethod::dequantize`], lending the result to `f` in the plugin's own allocation:
+    /// moving it into a host `Vec` copies it (abi_stable frees memory in the library that
+    /// allocated it), which costs as much as a large weight.
+    pub fn dequantize_with<R>(
+        &self,
+        module: &ModulePlan,
+        tensors: &[TensorView<'_>],
+        config: &Config,
+        f: impl FnOnce(&[f32]) -> R,
+    ) -> Result<R, Error> {
+        Ok(f(&self.dequantize_on_wire(module, tensors, config)?))
+    }
+
+    fn dequantize_on_wire(&self, module: &ModulePlan, tensors: &[TensorView<'_>], config: &Config) -> Result<RVec<f32>, Error> {
         let m = serde_json::to_string(module).expect("plan serialises");
         let config = Self::config_json(config);
         let wire = Self::tensors_on_wire(tensors);
-        let r = self
-            .inner
+        self.inner
             .dequantize(m.as_str().into(), config.as_str().into(), wire.as_slice().into())
             .into_result()
-            .map_err(wire_err)?;
-        Ok(r.into_vec())
+            .map_err(wire_err)
     }
 
     /// [`QuantMethod::forward`].

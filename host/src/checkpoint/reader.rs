@@ -264,6 +264,26 @@ impl Checkpoint {
         })
     }
 
+    /// Drops this process's resident pages of a tensor once it has been used, so that streaming
+    /// through a model keeps resident memory near one module instead of the whole file. The
+    /// bytes stay readable: touching them again reads them back from the file (the page cache).
+    pub fn release(&self, name: &str) {
+        let Some(entry) = self.by_name.get(name).map(|&i| &self.entries[i]) else { return };
+        let shard = &self.shards[entry.shard];
+        // SAFETY: the map is a read-only shared mapping of a file that is not modified while
+        // open, so MADV_DONTNEED only forgets pages: any later read faults the same bytes in
+        // again and outstanding views stay valid. Pages shared with a neighbouring tensor are
+        // dropped too and simply faulted in again. Failure changes nothing: it is only advice.
+        #[cfg(unix)]
+        unsafe {
+            let _ = shard.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                shard.data_start + entry.begin,
+                entry.end - entry.begin,
+            );
+        }
+    }
+
     /// Full names of the tensors under a module path: `prefix` itself and everything below
     /// `prefix.`; component boundaries are respected (`layers.1` does not match `layers.10.x`).
     /// An empty prefix matches every tensor.

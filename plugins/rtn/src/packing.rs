@@ -55,7 +55,7 @@ impl Layout {
     /// are chosen for the scale that is actually stored.
     fn group_params(&self, values: &[f32]) -> (f32, u8) {
         let maxq = self.maxq();
-        let (lo, hi) = values.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let (lo, hi) = min_max(values);
         if self.params.sym {
             let zero = (1u32 << (self.params.bits - 1)) as f32;
             let amax = lo.abs().max(hi);
@@ -74,51 +74,132 @@ impl Layout {
     pub fn quantize(&self, w: &[f32]) -> Packed {
         assert_eq!(w.len(), self.out * self.inp);
         let maxq = self.maxq();
-        let rows: Vec<(Vec<u8>, Vec<f32>, Vec<u8>)> = w
-            .par_chunks(self.inp)
-            .map(|row| {
-                let mut bytes = vec![0u8; self.row_bytes];
-                let mut scales = Vec::with_capacity(self.groups);
-                let mut zeros = Vec::with_capacity(self.groups);
-                for (g, chunk) in row.chunks(self.group).enumerate() {
-                    let (scale, zero) = self.group_params(chunk);
-                    for (j, &v) in chunk.iter().enumerate() {
-                        let q = ((v / scale).round() + zero as f32).clamp(0.0, maxq) as u32;
-                        put_code(&mut bytes, g * self.group + j, self.params.bits, q);
+        let mut packed = Packed {
+            qweight: vec![0u8; self.out * self.row_bytes],
+            scales: vec![0f32; self.out * self.groups],
+            zeros: vec![0u8; self.out * self.groups],
+        };
+        let params = packed.scales.par_chunks_mut(self.groups).zip(packed.zeros.par_chunks_mut(self.groups));
+        w.par_chunks(self.inp).zip(packed.qweight.par_chunks_mut(self.row_bytes)).zip(params).for_each_init(
+            || vec![0u8; self.inp],
+            |codes, ((row, bytes), (scales, zeros))| {
+                let groups = row.chunks(self.group).zip(codes.chunks_mut(self.group));
+                for (g, (values, codes)) in groups.enumerate() {
+                    let (scale, zero) = self.group_params(values);
+                    let zero_f = zero as f32;
+                    for (c, &v) in codes.iter_mut().zip(values) {
+                        *c = (round_half_away(v / scale) + zero_f).clamp(0.0, maxq) as u8;
                     }
-                    scales.push(scale);
-                    zeros.push(zero);
+                    scales[g] = scale;
+                    zeros[g] = zero;
                 }
-                (bytes, scales, zeros)
-            })
-            .collect();
-        let mut packed = Packed { qweight: Vec::new(), scales: Vec::new(), zeros: Vec::new() };
-        for (bytes, scales, zeros) in rows {
-            packed.qweight.extend(bytes);
-            packed.scales.extend(scales);
-            if !self.params.sym {
-                packed.zeros.extend(zeros);
-            }
+                pack_row(codes, self.params.bits, bytes);
+            },
+        );
+        if self.params.sym {
+            packed.zeros = Vec::new();
         }
         packed
     }
 
+    /// Decodes row `o` of the weight into `row` (`inp` values).
+    pub fn dequantize_row_into(&self, p: &Packed, o: usize, row: &mut [f32]) {
+        let bytes = &p.qweight[o * self.row_bytes..(o + 1) * self.row_bytes];
+        unpack_row(bytes, self.params.bits, row);
+        let sym_zero = (1u32 << (self.params.bits - 1)) as f32;
+        for (g, values) in row.chunks_mut(self.group).enumerate() {
+            let i = o * self.groups + g;
+            let zero = if self.params.sym { sym_zero } else { p.zeros[i] as f32 };
+            let scale = p.scales[i];
+            for v in values {
+                *v = (*v - zero) * scale;
+            }
+        }
+    }
+
     /// Dense row `o` of the weight.
     pub fn dequantize_row(&self, p: &Packed, o: usize) -> Vec<f32> {
-        let bytes = &p.qweight[o * self.row_bytes..(o + 1) * self.row_bytes];
-        let sym_zero = 1u32 << (self.params.bits - 1);
-        (0..self.inp)
-            .map(|i| {
-                let g = o * self.groups + i / self.group;
-                let zero = if self.params.sym { sym_zero } else { p.zeros[g] as u32 };
-                (get_code(bytes, i, self.params.bits) as f32 - zero as f32) * p.scales[g]
-            })
-            .collect()
+        let mut row = vec![0f32; self.inp];
+        self.dequantize_row_into(p, o, &mut row);
+        row
     }
 
     /// The dense `[out, inp]` weight.
     pub fn dequantize(&self, p: &Packed) -> Vec<f32> {
-        (0..self.out).into_par_iter().flat_map_iter(|o| self.dequantize_row(p, o)).collect()
+        let mut w = vec![0f32; self.out * self.inp];
+        w.par_chunks_mut(self.inp.max(1)).enumerate().for_each(|(o, row)| self.dequantize_row_into(p, o, row));
+        w
+    }
+}
+
+/// Smallest and largest value, each clamped towards 0 (the range always holds 0). Eight
+/// independent lanes so that the loop vectorises; NaNs are skipped, as `f32::min` would.
+fn min_max(values: &[f32]) -> (f32, f32) {
+    let (mut lo, mut hi) = ([0f32; 8], [0f32; 8]);
+    let mut chunks = values.chunks_exact(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            lo[k] = if c[k] < lo[k] { c[k] } else { lo[k] };
+            hi[k] = if c[k] > hi[k] { c[k] } else { hi[k] };
+        }
+    }
+    let fold = |(l, h): (f32, f32), &v: &f32| (l.min(v), h.max(v));
+    let lanes = lo.iter().zip(&hi).fold((0f32, 0f32), |(l, h), (&a, &b)| (l.min(a), h.max(b)));
+    chunks.remainder().iter().fold(lanes, fold)
+}
+
+/// `f32::round` (half away from zero) from a truncating conversion, which vectorises where the
+/// libm call does not. Exact for `|x| < 2^31`; codes never get near that.
+fn round_half_away(x: f32) -> f32 {
+    let t = x as i32 as f32;
+    if (x - t).abs() >= 0.5 {
+        t + 1f32.copysign(x)
+    } else {
+        t
+    }
+}
+
+/// Packs one row of codes into its bit stream; 8, 4 and 2 bits take whole bytes at a time.
+fn pack_row(codes: &[u8], bits: u32, bytes: &mut [u8]) {
+    match bits {
+        8 => bytes.copy_from_slice(codes),
+        4 => {
+            let mut pairs = codes.chunks_exact(2);
+            for (b, c) in bytes.iter_mut().zip(&mut pairs) {
+                *b = c[0] | c[1] << 4;
+            }
+            if let [last] = pairs.remainder() {
+                bytes[bytes.len() - 1] = *last;
+            }
+        }
+        2 => {
+            for (b, c) in bytes.iter_mut().zip(codes.chunks(4)) {
+                *b = c.iter().rev().fold(0u8, |acc, &q| (acc << 2) | q);
+            }
+        }
+        _ => {
+            for (i, &c) in codes.iter().enumerate() {
+                put_code(bytes, i, bits, c as u32);
+            }
+        }
+    }
+}
+
+/// Unpacks one row's bit stream into code values.
+fn unpack_row(bytes: &[u8], bits: u32, row: &mut [f32]) {
+    match bits {
+        8 => row.iter_mut().zip(bytes).for_each(|(v, &b)| *v = b as f32),
+        4 => {
+            let mut pairs = row.chunks_exact_mut(2);
+            for (pair, &b) in (&mut pairs).zip(bytes) {
+                pair[0] = (b & 15) as f32;
+                pair[1] = (b >> 4) as f32;
+            }
+            if let [last] = pairs.into_remainder() {
+                *last = (bytes[bytes.len() - 1] & 15) as f32;
+            }
+        }
+        _ => row.iter_mut().enumerate().for_each(|(i, v)| *v = get_code(bytes, i, bits) as f32),
     }
 }
 
@@ -177,6 +258,34 @@ mod tests {
             }
             let back: Vec<u32> = (0..37).map(|i| get_code(&bytes, i, bits)).collect();
             assert_eq!(back, codes, "bits {bits}");
+        }
+    }
+
+    #[test]
+    fn whole_byte_paths_match_the_bit_stream() {
+        for bits in [2, 4, 8] {
+            for n in [1, 6, 7, 37] {
+                let codes: Vec<u8> = (0..n).map(|i| ((i * 7 + 3) % (1 << bits)) as u8).collect();
+                let mut fast = vec![0u8; (n * bits as usize).div_ceil(8)];
+                pack_row(&codes, bits, &mut fast);
+                let mut slow = vec![0u8; fast.len()];
+                for (i, &c) in codes.iter().enumerate() {
+                    put_code(&mut slow, i, bits, c as u32);
+                }
+                assert_eq!(fast, slow, "bits {bits}, {n} codes");
+                let mut back = vec![0f32; n];
+                unpack_row(&fast, bits, &mut back);
+                assert!(back.iter().zip(&codes).all(|(&v, &c)| v == c as f32), "bits {bits}, {n} codes");
+            }
+        }
+    }
+
+    #[test]
+    fn round_half_away_is_f32_round() {
+        let xs = (-2000..=2000).map(|i| i as f32 / 8.0).chain([0.49999997, -0.49999997, 2.5000002, 1e-30, -0.0]);
+        for x in xs {
+            // == and not bits: the sign of a zero is lost, and does not matter once the zero point is added.
+            assert_eq!(round_half_away(x), x.round(), "{x}");
         }
     }
 
