@@ -12,3 +12,4 @@ pub mod eval;
 pub mod calibration;
 pub mod import;
 pub mod packed;
+pub mod conformance;
