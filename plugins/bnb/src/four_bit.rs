@@ -193,22 +193,15 @@ pub fn quantize(src: Floats<'_>, blocksize: usize, qt: QuantType) -> Result<Quan
 
 fn full_blocks(src: Floats<'_>, start: usize, bs: usize, enc: &Encoder, qt: QuantType, bytes: &mut [u8], amax: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { full_blocks_avx2(src, start, bs, enc, qt, bytes, amax) };
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU supports AVX2 and F16C, checked just above; blocksizes are multiples of 16.
+        return unsafe { avx2::full_blocks(src, start, bs, enc, qt == QuantType::Fp4, bytes, amax) };
     }
-    full_blocks_generic(src, start, bs, enc, qt, bytes, amax)
+    full_blocks_generic(src, start, bs, enc, bytes, amax)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn full_blocks_avx2(src: Floats<'_>, start: usize, bs: usize, enc: &Encoder, qt: QuantType, bytes: &mut [u8], amax: &mut [f32]) {
-    full_blocks_generic(src, start, bs, enc, qt, bytes, amax)
-}
-
-/// Full blocks `start / bs ..`, one per entry of `amax`; inlined into each instruction-set variant.
-#[inline(always)]
-fn full_blocks_generic(src: Floats<'_>, start: usize, bs: usize, enc: &Encoder, qt: QuantType, bytes: &mut [u8], amax: &mut [f32]) {
+/// Full blocks `start / bs ..`, one per entry of `amax`: the portable version.
+fn full_blocks_generic(src: Floats<'_>, start: usize, bs: usize, enc: &Encoder, bytes: &mut [u8], amax: &mut [f32]) {
     let mut x = [0f32; MAX_BLOCKSIZE];
     let mut codes = [0u8; MAX_BLOCKSIZE];
     let (x, codes) = (&mut x[..bs], &mut codes[..bs]);
@@ -218,10 +211,7 @@ fn full_blocks_generic(src: Floats<'_>, start: usize, bs: usize, enc: &Encoder, 
         *am = m;
         let inv = 1.0 / m.max(MIN_ABSMAX);
         for (c, &v) in codes.iter_mut().zip(x.iter()) {
-            *c = enc.bucket((v * inv).clamp(-1.0, 1.0));
-        }
-        if qt == QuantType::Fp4 {
-            codes.iter_mut().for_each(|c| *c = enc.order[*c as usize]);
+            *c = enc.code((v * inv).clamp(-1.0, 1.0));
         }
         for (o, pair) in out.iter_mut().zip(codes.chunks_exact(2)) {
             *o = (pair[0] << 4) | pair[1];
@@ -229,10 +219,101 @@ fn full_blocks_generic(src: Floats<'_>, start: usize, bs: usize, enc: &Encoder, 
     }
 }
 
-/// `max |x|`, in an order-free way (max is exact, so any order gives the same result).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use kvant_plugin_api::DType;
+
+    use super::{Encoder, MAX_BLOCKSIZE, MIN_ABSMAX};
+    use crate::input::Floats;
+
+    /// The same as `full_blocks_generic`, 16 elements per step: widen to F32, absmax, scale, count
+    /// the midpoints below each value (compare masks are -1, so subtracting them counts), remap for
+    /// FP4, and pack pairs of codes into bytes.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn full_blocks(
+        src: Floats<'_>,
+        start: usize,
+        bs: usize,
+        enc: &Encoder,
+        fp4: bool,
+        bytes: &mut [u8],
+        amax: &mut [f32],
+    ) {
+        let mut buf = [0f32; MAX_BLOCKSIZE];
+        let mids: [__m256; 15] = std::array::from_fn(|i| _mm256_set1_ps(enc.mids[i]));
+        let order = enc.order.map(i32::from);
+        let order_lo = _mm256_loadu_si256(order.as_ptr().cast());
+        let order_hi = _mm256_loadu_si256(order.as_ptr().add(8).cast());
+        let (lo, hi, sign) = (_mm256_set1_ps(-1.0), _mm256_set1_ps(1.0), _mm256_set1_ps(-0.0));
+        let raw = src.bytes();
+        for (b, (out, am)) in bytes.chunks_exact_mut(bs / 2).zip(amax.iter_mut()).enumerate() {
+            let e0 = start + b * bs;
+            let mut vmax = _mm256_setzero_ps();
+            for i in (0..bs).step_by(8) {
+                let v = match src.dtype() {
+                    DType::BF16 => {
+                        let h = _mm_loadu_si128(raw.as_ptr().add(2 * (e0 + i)).cast());
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+                    }
+                    DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(raw.as_ptr().add(2 * (e0 + i)).cast())),
+                    _ => _mm256_loadu_ps(raw.as_ptr().add(4 * (e0 + i)).cast()),
+                };
+                _mm256_storeu_ps(buf.as_mut_ptr().add(i), v);
+                vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), vmax);
+            let m = lanes.iter().fold(0f32, |m, &l| m.max(l));
+            *am = m;
+            let inv = _mm256_set1_ps(1.0 / m.max(MIN_ABSMAX));
+            let codes = |p: *const f32| {
+                // max/min send NaN to -1 where torch keeps NaN; both land in bucket 0.
+                let s = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(p), inv), lo), hi);
+                let mut c = _mm256_setzero_si256();
+                for m in &mids {
+                    c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(s, *m)));
+                }
+                if fp4 {
+                    let l = _mm256_permutevar8x32_epi32(order_lo, c);
+                    let h = _mm256_permutevar8x32_epi32(order_hi, c);
+                    c = _mm256_blendv_epi8(l, h, _mm256_cmpgt_epi32(c, _mm256_set1_epi32(7)));
+                }
+                c
+            };
+            for (k, o) in out.chunks_exact_mut(8).enumerate() {
+                let a = codes(buf.as_ptr().add(16 * k));
+                let b = codes(buf.as_ptr().add(16 * k + 8));
+                o.copy_from_slice(&pack16(a, b).to_le_bytes());
+            }
+        }
+    }
+
+    /// Sixteen codes (two vectors of 32-bit lanes) to eight bytes, even elements in the high nibble.
+    #[inline(always)]
+    unsafe fn pack16(a: __m256i, b: __m256i) -> u64 {
+        // 16-bit lanes come out as a0-3 b0-3 | a4-7 b4-7; reorder the 64-bit quarters to 0..16.
+        let p = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(a, b));
+        // Each 32-bit lane holds one pair (low half the even element): make it one byte.
+        let pair = _mm256_or_si256(
+            _mm256_and_si256(_mm256_slli_epi32::<4>(p), _mm256_set1_epi32(0xF0)),
+            _mm256_srli_epi32::<16>(p),
+        );
+        let gather = _mm256_setr_epi8(
+            0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+            -1, -1, -1,
+        );
+        let r = _mm256_shuffle_epi8(pair, gather);
+        let low = _mm_cvtsi128_si32(_mm256_castsi256_si128(r)) as u32 as u64;
+        let high = _mm_cvtsi128_si32(_mm256_extracti128_si256::<1>(r)) as u32 as u64;
+        low | (high << 32)
+    }
+}
+
+/// `max |x|`. Eight lanes so the loop vectorizes; max is exact, so the order does not matter.
 #[inline(always)]
-fn max_abs(x: &[f32]) -> f32 {
-    // Eight lanes so the loop vectorizes; max is associative, so this matches a sequential scan.
+pub(crate) fn max_abs(x: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let mut chunks = x.chunks_exact(8);
     for c in &mut chunks {
@@ -271,6 +352,7 @@ pub fn dequantize(packed: &[u8], absmax: &[f32], n: usize, blocksize: usize, qt:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvant_plugin_api::DType;
 
     fn q(values: &[f32], bs: usize, qt: QuantType) -> Quantized4 {
         quantize(Floats::from_f32(values), bs, qt).unwrap()
@@ -317,6 +399,30 @@ mod tests {
         // the partial block stores the clamped absmax, as torch's clamp(min=1e-38) leaves it
         assert_eq!(r.absmax[1].to_bits(), 0x006C_E3EE);
         assert!(r.packed.iter().all(|&b| b == 0x77));
+    }
+
+    /// The AVX2 block kernel writes the same bytes as the portable loop, for every input dtype.
+    #[test]
+    fn block_kernels_agree() {
+        let w: Vec<f32> = (0..4096).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 300.0 * if i % 97 == 0 { 9.0 } else { 1.0 }).collect();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let bytes = crate::input::encode(&w, dtype).unwrap();
+            let src = Floats::new(dtype, &bytes).unwrap();
+            for qt in [QuantType::Nf4, QuantType::Fp4] {
+                for bs in [32, 64, 256, 4096] {
+                    let enc = Encoder::new(qt);
+                    let (mut p1, mut a1) = (vec![0u8; 2048], vec![0f32; 4096 / bs]);
+                    full_blocks_generic(src, 0, bs, &enc, &mut p1, &mut a1);
+                    #[cfg(target_arch = "x86_64")]
+                    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+                        let (mut p2, mut a2) = (vec![0u8; 2048], vec![0f32; 4096 / bs]);
+                        unsafe { avx2::full_blocks(src, 0, bs, &enc, qt == QuantType::Fp4, &mut p2, &mut a2) };
+                        assert_eq!(p1, p2, "{dtype} {qt:?} {bs}");
+                        assert_eq!(a1, a2);
+                    }
+                }
+            }
+        }
     }
 
     #[test]

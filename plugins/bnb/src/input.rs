@@ -34,6 +34,11 @@ impl<'a> Floats<'a> {
         self.dtype
     }
 
+    /// The raw little-endian bytes.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         self.bytes.len() / self.dtype.size()
@@ -61,8 +66,15 @@ impl<'a> Floats<'a> {
                 }
             }
             DType::F16 => {
-                for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                    *d = half::f16::from_bits(u16::from_le_bytes([s[0], s[1]])).to_f32();
+                // Through a small buffer so the slice conversion can use F16C.
+                use half::slice::HalfFloatSliceExt;
+                let mut buf = [half::f16::ZERO; 256];
+                for (d, s) in dst.chunks_mut(256).zip(src.chunks(512)) {
+                    let h = &mut buf[..d.len()];
+                    for (h, s) in h.iter_mut().zip(s.chunks_exact(2)) {
+                        *h = half::f16::from_bits(u16::from_le_bytes([s[0], s[1]]));
+                    }
+                    h.convert_to_f32_slice(d);
                 }
             }
             _ => unreachable!("checked in Floats::new"),
@@ -82,7 +94,12 @@ pub fn encode(values: &[f32], dtype: DType) -> Result<Vec<u8>, Error> {
     let mut out = Vec::with_capacity(values.len() * dtype.size());
     match dtype {
         DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::F16 => values.iter().for_each(|&v| out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())),
+        DType::F16 => {
+            use half::slice::HalfFloatSliceExt;
+            let mut h = vec![half::f16::ZERO; values.len()];
+            h.convert_from_f32_slice(values);
+            h.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        }
         DType::BF16 => values.iter().for_each(|&v| out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes())),
         other => return Err(Error::new(format!("cannot write {other} weights; use F32, F16 or BF16"))),
     }

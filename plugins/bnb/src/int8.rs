@@ -47,15 +47,30 @@ pub fn quantize(src: Floats<'_>, rows: usize, cols: usize) -> Result<Int8Weight,
 
 /// One row: cast to F16 (in place), take its absmax, round to int8.
 fn quantize_row(row: &mut [f32], q: &mut [i8], scale: &mut f32) {
-    for v in row.iter_mut() {
-        *v = half::f16::from_f32(*v).to_f32();
-    }
-    let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+    round_to_f16(row);
+    let m = crate::four_bit::max_abs(row);
     *scale = m;
     let k = 127.0 / m;
     for (q, &v) in q.iter_mut().zip(row.iter()) {
-        *q = to_i8((v * k).round_ties_even());
+        *q = to_i8(round_half_even(v * k));
     }
+}
+
+/// Rounds half to even for |v| < 2^22 (here |v| <= 127): adding and subtracting 1.5 * 2^23 leaves
+/// no fraction bits, and the FPU's own rounding of that sum is ties-to-even. Vectorizes, unlike the
+/// library call `round_ties_even` becomes without SSE4.1.
+#[inline(always)]
+fn round_half_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
+}
+
+/// Rounds to the nearest F16 value (ties to even), in place; the slice conversions use F16C when present.
+fn round_to_f16(v: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    let mut h = vec![half::f16::ZERO; v.len()];
+    h.convert_from_f32_slice(v);
+    h.convert_to_f32_slice(v);
 }
 
 /// F32 -> int8 as torch converts on x86: truncate to a 32-bit integer (NaN and overflow become
@@ -84,7 +99,8 @@ pub fn forward(w: &Int8Weight, x: &[f32], batch: usize, threshold: f32, bias: Op
     if x.len() != batch * cols {
         return Err(Error::new(format!("input has {} values, expected [{batch}, {cols}]", x.len())));
     }
-    let x16: Vec<f32> = x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+    let mut x16 = x.to_vec();
+    round_to_f16(&mut x16);
     let outlier = |v: f32| threshold > 0.0 && v.abs() >= threshold;
     let outlier_cols: Vec<usize> =
         (0..cols).filter(|&c| (0..batch).any(|b| outlier(x16[b * cols + c]))).collect();
