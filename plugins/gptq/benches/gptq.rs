@@ -17,6 +17,15 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// CPU seconds used by this process so far (user + system), from /proc: robust to other
+/// processes sharing the cores.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn main() {
     let rows = 128 * 512;
     let batch = 512;
@@ -35,19 +44,20 @@ fn main() {
     for (out, inp) in [(1536usize, 576usize), (576, 1536)] {
         let x = values(batch * inp, 1);
         let w = values(out * inp, 2);
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_seconds());
         let mut obs = HessianObserver::new("bench", inp);
         for _ in 0..rows / batch {
             obs.observe(&x, batch).unwrap();
         }
-        let t_h = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
+        let (t_h, c_h) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+        let (t1, c1) = (Instant::now(), cpu_seconds());
         let solved = gptq("bench", &w, (out, inp), obs.hessian(), obs.rows(), &p).unwrap();
-        let t_s = t1.elapsed().as_secs_f64();
+        let (t_s, c_s) = (t1.elapsed().as_secs_f64(), cpu_seconds() - c1);
         let flop = rows as f64 * inp as f64 * inp as f64; // 2 * rows * in^2 / 2: lower triangle only
         println!(
-            "{out}x{inp}: hessian {t_h:.3} s ({:.0} GFLOP/s useful), solve {t_s:.3} s, total {:.3} s, loss {:.4}",
-            flop / t_h / 1e9,
+            "{out}x{inp}: hessian {t_h:.3} s wall / {c_h:.2} CPU-s ({:.0} GFLOP per CPU-s), solve {t_s:.3} s wall / {c_s:.2} CPU-s, \
+             total {:.3} s wall, loss {:.4}",
+            flop / c_h.max(1e-9) / 1e9,
             t_h + t_s,
             solved.loss
         );
