@@ -39,6 +39,9 @@ struct Global {
     /// Only errors; no progress bars
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
+    /// Load plugin libraries even when other users could have replaced them
+    #[arg(long, global = true)]
+    allow_insecure_plugins: bool,
 }
 
 #[derive(Subcommand)]
@@ -249,6 +252,7 @@ fn load_registry(g: &Global) -> Result<Registry> {
         registry_file: registry_file(g),
         plugins_dir: g.plugins_dir.clone().or_else(|| std::env::var_os("KVANT_PLUGINS_DIR").map(PathBuf::from)),
         threads: threads(g),
+        allow_insecure: g.allow_insecure_plugins,
     };
     if sources.registry_file.is_none() && sources.plugins_dir.is_none() {
         log::warn!("no registry.toml found and no plugins folder given: no methods are available");

@@ -89,6 +89,8 @@ pub struct Sources {
     pub plugins_dir: Option<PathBuf>,
     /// Threads lent to every plugin.
     pub threads: usize,
+    /// Load libraries that other users could have replaced (group- or world-writable).
+    pub allow_insecure: bool,
 }
 
 #[derive(Deserialize)]
@@ -145,7 +147,12 @@ impl Registry {
             // Group entries by library so a library providing several methods loads once.
             let mut by_library: BTreeMap<PathBuf, BTreeMap<String, RegistryEntry>> = BTreeMap::new();
             for (name, entry) in parsed.methods {
-                by_library.entry(library_path(base, &entry.library)).or_default().insert(name, entry);
+                let path = library_path(base, &entry.library);
+                if let Err(reason) = check_inside(base, &entry.library, &path) {
+                    registry.broken.push(Broken { path, reason: format!("method `{name}` in {}: {reason}", file.display()) });
+                    continue;
+                }
+                by_library.entry(path).or_default().insert(name, entry);
             }
             wanted.extend(by_library.into_iter().map(|(p, e)| (p, Some(e))));
         }
@@ -179,6 +186,12 @@ impl Registry {
                 }
                 let pins: Vec<&str> = entries.values().filter_map(|e| e.sha256.as_deref()).collect();
                 if let Err(reason) = check_pins(&path, &pins) {
+                    registry.broken.push(Broken { path, reason });
+                    continue;
+                }
+            }
+            if !sources.allow_insecure {
+                if let Err(reason) = check_not_writable_by_others(&path) {
                     registry.broken.push(Broken { path, reason });
                     continue;
                 }
@@ -273,6 +286,56 @@ impl Registry {
     }
 }
 
+/// A relative `library` must stay inside the registry's folder, through `..` or through links;
+/// an absolute one is the user's explicit choice.
+fn check_inside(base: &Path, library: &Path, resolved: &Path) -> Result<(), String> {
+    if library.is_absolute() {
+        return Ok(());
+    }
+    if library.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(format!("library path `{}` leaves the registry's folder through `..`; refused", library.display()));
+    }
+    if let (Ok(root), Ok(real)) = (base.canonicalize(), resolved.canonicalize()) {
+        if !real.starts_with(&root) {
+            return Err(format!(
+                "library path `{}` leads outside the registry's folder (to {}) through a link; refused",
+                library.display(),
+                real.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a library that another user could replace: the file or its folder writable by its
+/// group or by everyone. Loading it would run whatever they put there.
+fn check_not_writable_by_others(path: &Path) -> Result<(), String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let real = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        let folder = real.parent().map(Path::to_path_buf).unwrap_or_default();
+        for (what, p) in [("file", &real), ("folder", &folder)] {
+            if let Ok(meta) = std::fs::metadata(p) {
+                let mode = meta.permissions().mode();
+                // Even a sticky folder (like /tmp) lets others add libraries a folder scan would load.
+                if mode & 0o022 != 0 {
+                    return Err(format!(
+                        "its {what} {} is writable by other users (mode {:o}), so anyone could replace the code kvant \
+                         would run; fix with `chmod go-w {}`, or pass --allow-insecure-plugins",
+                        p.display(),
+                        mode & 0o7777,
+                        p.display()
+                    ));
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 fn check_pins(path: &Path, pins: &[&str]) -> Result<(), String> {
     if pins.is_empty() {
         return Ok(());
@@ -356,4 +419,50 @@ fn host_callbacks(threads: usize) -> HostCallbacksRef {
         log::LevelFilter::Trace => 5,
     };
     HostCallbacks { threads: threads.max(1) as u32, max_log_level, log: plugin_log, progress: plugin_progress }.leak()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_library_paths_stay_inside_the_registry_folder() {
+        let root = tempfile::tempdir().unwrap();
+        let base = root.path().join("reg");
+        std::fs::create_dir_all(base.join("libs")).unwrap();
+        std::fs::write(root.path().join("outside.so"), b"x").unwrap();
+        std::fs::write(base.join("libs/inside.so"), b"x").unwrap();
+        let ok = Path::new("libs/inside.so");
+        assert!(check_inside(&base, ok, &base.join(ok)).is_ok());
+        let up = Path::new("../outside.so");
+        assert!(check_inside(&base, up, &base.join(up)).unwrap_err().contains("through `..`"));
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(root.path().join("outside.so"), base.join("libs/link.so")).unwrap();
+            let link = Path::new("libs/link.so");
+            assert!(check_inside(&base, link, &base.join(link)).unwrap_err().contains("through a link"));
+        }
+        let abs = root.path().join("outside.so");
+        assert!(check_inside(&base, &abs, &abs).is_ok(), "an absolute path is the user's explicit choice");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn libraries_others_can_replace_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let lib = dir.path().join("libx.so");
+        std::fs::write(&lib, b"x").unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(check_not_writable_by_others(&lib).is_ok());
+        std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = check_not_writable_by_others(&lib).unwrap_err();
+        assert!(e.contains("writable by other users") && e.contains("chmod go-w") && e.contains("--allow-insecure-plugins"), "{e}");
+        std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o775)).unwrap();
+        assert!(check_not_writable_by_others(&lib).unwrap_err().contains("its folder"));
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(check_not_writable_by_others(&lib).is_err(), "others could add libraries to a sticky folder");
+    }
 }

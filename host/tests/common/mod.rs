@@ -110,12 +110,12 @@ pub fn registry_for(dir: &Path, methods: &[(&str, Plugin)]) -> PathBuf {
 
 /// Loads a registry from a registry file only.
 pub fn load_registry(file: &Path) -> anyhow::Result<Registry> {
-    Registry::load(&Sources { registry_file: Some(file.to_path_buf()), plugins_dir: None, threads: 2 })
+    Registry::load(&Sources { registry_file: Some(file.to_path_buf()), plugins_dir: None, threads: 2, allow_insecure: false })
 }
 
 /// Loads a registry from a drop-in folder only.
 pub fn load_folder(dir: &Path) -> anyhow::Result<Registry> {
-    Registry::load(&Sources { registry_file: None, plugins_dir: Some(dir.to_path_buf()), threads: 2 })
+    Registry::load(&Sources { registry_file: None, plugins_dir: Some(dir.to_path_buf()), threads: 2, allow_insecure: false })
 }
 
 /// Copies `plugin`'s library into `dir` as `file_name`, the way a user drops one in.
