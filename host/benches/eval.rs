@@ -50,12 +50,42 @@ fn main() -> anyhow::Result<()> {
         }
         times.push(r.seconds);
     }
+    breakdown(&model, &tokens[..8 * 512])?;
     times.sort_by(f64::total_cmp);
     println!(
         "8 x 512 F32 eval on {} threads: best {:.2} s, median {:.2} s",
         rayon::current_num_threads(),
         times[0],
         times[times.len() / 2]
+    );
+    Ok(())
+}
+
+/// Times the decoder blocks and the LM head separately, with the rate of useful arithmetic
+/// (causal attention counted for the visible keys only), which shows how close each part runs
+/// to the machine's matrix-product speed.
+fn breakdown(model: &LlamaModel, tokens: &[u32]) -> anyhow::Result<()> {
+    let c = model.config();
+    let (batch, seq) = (8, 512);
+    let rows = (batch * seq) as f64;
+    let (h, qo, kvo, f) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+    let linear_params = (h * qo + 2 * h * kvo + qo * h + 3 * h * f) as f64;
+    // Scores and weighted sum: 2 products of head_dim per visible (query, key) pair.
+    let attn_pairs = (batch * c.num_heads * seq * (seq + 1) / 2) as f64;
+    let block_flop = c.num_layers as f64 * (2.0 * rows * linear_params + 4.0 * attn_pairs * c.head_dim as f64);
+    let t = Instant::now();
+    let hidden = model.final_hidden(tokens, batch, seq, &mut |_| {})?;
+    let blocks = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for w in 0..batch {
+        model.lm_head(&hidden[w * seq * h..(w * seq + seq - 1) * h], seq - 1)?;
+    }
+    let head = t.elapsed().as_secs_f64();
+    let head_flop = 2.0 * (batch * (seq - 1)) as f64 * (c.vocab_size * h) as f64;
+    println!(
+        "blocks: {blocks:.2} s ({:.0} GFLOP/s); lm head: {head:.2} s ({:.0} GFLOP/s)",
+        block_flop / blocks / 1e9,
+        head_flop / head / 1e9
     );
     Ok(())
 }
