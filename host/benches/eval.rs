@@ -2,7 +2,7 @@
 //! reaches in about 7.6 s on the 2-core reference machine).
 //!
 //! `cargo bench -p kvant --bench eval`. The model folder is `$KVANT_TEST_HF_MODEL`, else
-//! `<cache>/SmolLM2-135M-Instruct-f32`; the text `<cache>/sotu-2000s.txt`; the cache
+//! `<cache>/smollm2-f32`; the text `<cache>/sotu-2000s.txt`; the cache
 //! `$KVANT_CACHE`, else `<repo>/.cache/kvant`. `KVANT_BENCH_RUNS` sets the repetitions (3).
 //!
 //! Besides wall-clock time it prints the process CPU time of each run: on a shared machine the
@@ -20,7 +20,7 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/kvant"));
     let dir = std::env::var_os("KVANT_TEST_HF_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| cache.join("SmolLM2-135M-Instruct-f32"));
+        .unwrap_or_else(|| cache.join("smollm2-f32"));
     let text = cache.join("sotu-2000s.txt");
     if !dir.join("model.safetensors").is_file() || !text.is_file() {
         eprintln!("skipping: needs {} and {}", dir.display(), text.display());

@@ -3,8 +3,9 @@
 //!
 //! Material is looked up in the cache folder (`$KVANT_CACHE`, else `<repo>/.cache/kvant`, filled
 //! by `scripts/fetch-test-material.sh`):
-//! - the model folder: `$KVANT_TEST_HF_MODEL`, else `<cache>/SmolLM2-135M-Instruct-f32`
-//!   (`config.json`, `model.safetensors`, `tokenizer.json`, as `kvant dequantize` writes it);
+//! - the model folder: `$KVANT_TEST_HF_MODEL`, else `<cache>/smollm2-f32`
+//!   (`config.json`, `model.safetensors`, `tokenizer.json`, as `kvant dequantize --dtype f32`
+//!   writes it, and as `scripts/main-job.sh` leaves it);
 //! - the text: `<cache>/sotu-2000s.txt`, the 21st-century speeches concatenated in name order.
 //!
 //! When either is missing the tests print why and pass without checking anything.
@@ -26,7 +27,7 @@ fn material() -> Option<(PathBuf, PathBuf)> {
     let cache = cache_dir();
     let model = std::env::var_os("KVANT_TEST_HF_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| cache.join("SmolLM2-135M-Instruct-f32"));
+        .unwrap_or_else(|| cache.join("smollm2-f32"));
     let text = cache.join("sotu-2000s.txt");
     for needed in [model.join("model.safetensors"), model.join("tokenizer.json"), text.clone()] {
         if !needed.is_file() {
