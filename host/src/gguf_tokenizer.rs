@@ -48,18 +48,33 @@ pub struct TokenizerFiles {
 }
 
 impl TokenizerFiles {
+    /// The files as (file name, pretty-printed JSON text).
+    pub fn texts(&self) -> [(&'static str, String); 3] {
+        let text = |v: &Json| serde_json::to_string_pretty(v).expect("JSON values serialize") + "\n";
+        [
+            ("tokenizer.json", text(&self.tokenizer)),
+            ("tokenizer_config.json", text(&self.tokenizer_config)),
+            ("special_tokens_map.json", text(&self.special_tokens_map)),
+        ]
+    }
+
     /// Writes the three files into `dir` (which must exist).
     pub fn write_to(&self, dir: &Path) -> Result<()> {
-        for (name, value) in [
-            ("tokenizer.json", &self.tokenizer),
-            ("tokenizer_config.json", &self.tokenizer_config),
-            ("special_tokens_map.json", &self.special_tokens_map),
-        ] {
+        for (name, text) in self.texts() {
             let path = dir.join(name);
-            let text = serde_json::to_string_pretty(value).expect("JSON values serialize");
-            std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         }
         Ok(())
+    }
+}
+
+impl IntoIterator for TokenizerFiles {
+    type Item = (&'static str, String);
+    type IntoIter = std::array::IntoIter<(&'static str, String), 3>;
+
+    /// Yields (file name, JSON text), e.g. to stage the files elsewhere.
+    fn into_iter(self) -> Self::IntoIter {
+        self.texts().into_iter()
     }
 }
 
@@ -194,7 +209,7 @@ fn build_inner(gguf: &GgufFile) -> Result<TokenizerFiles> {
         .iter()
         .map(|t| {
             let mut t = t.as_object().expect("object").clone();
-            let id = t.remove("id").expect("id");
+            let id = t.shift_remove("id").expect("id");
             (id.to_string(), Json::Object(t))
         })
         .collect();
@@ -209,7 +224,9 @@ fn build_inner(gguf: &GgufFile) -> Result<TokenizerFiles> {
     if let Some(template) = md.str("tokenizer.chat_template")? {
         config.insert("chat_template".into(), template.into());
     }
-    config.insert("tokenizer_class".into(), "GPT2Tokenizer".into());
+    // Not GPT2Tokenizer: transformers 5 rebuilds that class's pre-tokenizer from its own defaults
+    // (no digit isolation), while PreTrainedTokenizerFast uses tokenizer.json as written.
+    config.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
 
     Ok(TokenizerFiles {
         tokenizer,
