@@ -86,9 +86,11 @@ impl Layout {
                 let groups = row.chunks(self.group).zip(codes.chunks_mut(self.group));
                 for (g, (values, codes)) in groups.enumerate() {
                     let (scale, zero) = self.group_params(values);
-                    let zero_f = zero as f32;
+                    // Locals, not captures: byte stores may alias a captured value, which would
+                    // be reloaded at every element and keep the loop scalar.
+                    let (zero_f, maxq) = (zero as f32, maxq);
                     for (c, &v) in codes.iter_mut().zip(values) {
-                        *c = (round_half_away(v / scale) + zero_f).clamp(0.0, maxq) as u8;
+                        *c = to_byte((round_half_away(v / scale) + zero_f).max(0.0).min(maxq));
                     }
                     scales[g] = scale;
                     zeros[g] = zero;
@@ -148,15 +150,22 @@ fn min_max(values: &[f32]) -> (f32, f32) {
     chunks.remainder().iter().fold(lanes, fold)
 }
 
-/// `f32::round` (half away from zero) from a truncating conversion, which vectorises where the
-/// libm call does not. Exact for `|x| < 2^31`; codes never get near that.
+/// 2^23: every f32 from here on is an integer, and adding it to a smaller one rounds that one.
+const INTEGRAL: f32 = 8388608.0;
+
+/// `f32::round` (half away from zero) in plain float operations, so that the loop around it
+/// vectorises; the libm call and saturating `as` conversions do not.
 fn round_half_away(x: f32) -> f32 {
-    let t = x as i32 as f32;
-    if (x - t).abs() >= 0.5 {
-        t + 1f32.copysign(x)
-    } else {
-        t
-    }
+    let a = x.abs();
+    let even = (a + INTEGRAL) - INTEGRAL;
+    let r = if a - even == 0.5 { even + 1.0 } else { even };
+    (if a < INTEGRAL { r } else { a }).copysign(x)
+}
+
+/// An integral `v` in 0..=255 as a byte: the low mantissa bits of `v + 2^23` (vectorises, unlike
+/// `as u8`). NaN gives 0, as `as` does.
+fn to_byte(v: f32) -> u8 {
+    (v + INTEGRAL).to_bits() as u8
 }
 
 /// Packs one row of codes into its bit stream; 8, 4 and 2 bits take whole bytes at a time.
@@ -282,11 +291,14 @@ mod tests {
 
     #[test]
     fn round_half_away_is_f32_round() {
-        let xs = (-2000..=2000).map(|i| i as f32 / 8.0).chain([0.49999997, -0.49999997, 2.5000002, 1e-30, -0.0]);
-        for x in xs {
+        let edges = [0.49999997, -0.49999997, 2.5000002, 1e-30, -0.0, 8388607.5, -8388609.0, 3e9, f32::INFINITY];
+        for x in (-2000..=2000).map(|i| i as f32 / 8.0).chain(edges) {
             // == and not bits: the sign of a zero is lost, and does not matter once the zero point is added.
             assert_eq!(round_half_away(x), x.round(), "{x}");
         }
+        assert!(round_half_away(f32::NAN).is_nan());
+        assert!((0..=255).all(|b| to_byte(b as f32) == b as u8));
+        assert_eq!(to_byte(f32::NAN), f32::NAN as u8);
     }
 
     #[test]
