@@ -39,28 +39,34 @@ fn main() {
         damp_auto_increment: 0.01,
         mse: 0.0,
         zero_at_least_one: false,
+        refit_scales: false,
     };
     println!("threads: {}", rayon::current_num_threads());
     for (out, inp) in [(1536usize, 576usize), (576, 1536)] {
         let x = values(batch * inp, 1);
         let w = values(out * inp, 2);
-        let (t0, c0) = (Instant::now(), cpu_seconds());
-        let mut obs = HessianObserver::new("bench", inp);
-        for _ in 0..rows / batch {
-            obs.observe(&x, batch).unwrap();
+        for bf16 in [false, true] {
+            let (t0, c0) = (Instant::now(), cpu_seconds());
+            let mut obs = HessianObserver::new("bench", inp).with_bf16(bf16);
+            for _ in 0..rows / batch {
+                obs.observe(&x, batch).unwrap();
+            }
+            let (t_h, c_h) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+            let (t1, c1) = (Instant::now(), cpu_seconds());
+            let solved = gptq("bench", &w, (out, inp), obs.hessian(), obs.rows(), &p).unwrap();
+            let (t_s, c_s) = (t1.elapsed().as_secs_f64(), cpu_seconds() - c1);
+            // Useful work: the lower triangle of X^T X, rows * in^2 multiply-adds.
+            let flop = rows as f64 * inp as f64 * inp as f64;
+            println!(
+                "{out}x{inp} ({} products): hessian {t_h:.3} s wall / {c_h:.2} CPU-s ({:.0} GFLOP/s wall, {:.0} per CPU-s), \
+                 solve {t_s:.3} s wall / {c_s:.2} CPU-s, total {:.3} s wall, loss {:.5}",
+                if obs.uses_bf16() { "BF16" } else { "F32" },
+                flop / t_h / 1e9,
+                flop / c_h.max(1e-9) / 1e9,
+                t_h + t_s,
+                solved.loss
+            );
         }
-        let (t_h, c_h) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
-        let (t1, c1) = (Instant::now(), cpu_seconds());
-        let solved = gptq("bench", &w, (out, inp), obs.hessian(), obs.rows(), &p).unwrap();
-        let (t_s, c_s) = (t1.elapsed().as_secs_f64(), cpu_seconds() - c1);
-        let flop = rows as f64 * inp as f64 * inp as f64; // 2 * rows * in^2 / 2: lower triangle only
-        println!(
-            "{out}x{inp}: hessian {t_h:.3} s wall / {c_h:.2} CPU-s ({:.0} GFLOP per CPU-s), solve {t_s:.3} s wall / {c_s:.2} CPU-s, \
-             total {:.3} s wall, loss {:.4}",
-            flop / c_h.max(1e-9) / 1e9,
-            t_h + t_s,
-            solved.loss
-        );
     }
     let mut p_mse = p;
     p_mse.mse = 2.4;

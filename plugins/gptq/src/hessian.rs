@@ -2,6 +2,7 @@
 
 use kvant_plugin_api::{Error, Observer, Result};
 
+use crate::bf16;
 use crate::linalg::{matmul, Operand};
 
 /// Rows of the lower triangle computed per matrix product: narrower bands skip more of the
@@ -10,17 +11,33 @@ const BAND: usize = 128;
 
 /// GPTQ's calibration state for one Linear: the running sum `S = sum x x^T` over every input
 /// row `x` seen (lower triangle, F32) and the row count `n`; the Hessian is `H = 2 S / n`.
+///
+/// The state depends only on the inputs: Linears that read the same inputs (q/k/v, gate/up)
+/// can share one observer.
 pub struct HessianObserver {
     name: String,
     inp: usize,
     sum: Vec<f32>,
     rows: u64,
+    bf16: bool,
 }
 
 impl HessianObserver {
-    /// An empty observer for a Linear named `name` with `inp` input features.
+    /// An empty observer for a Linear named `name` with `inp` input features, multiplying in F32.
     pub fn new(name: impl Into<String>, inp: usize) -> Self {
-        HessianObserver { name: name.into(), inp, sum: vec![0f32; inp * inp], rows: 0 }
+        HessianObserver { name: name.into(), inp, sum: vec![0f32; inp * inp], rows: 0, bf16: false }
+    }
+
+    /// Multiply inputs rounded to BF16 (sums stay F32) when `bf16` and the CPU has
+    /// AVX512-BF16, about twice as fast; otherwise in F32.
+    pub fn with_bf16(mut self, bf16: bool) -> Self {
+        self.bf16 = bf16 && bf16::available();
+        self
+    }
+
+    /// True when products run in BF16.
+    pub fn uses_bf16(&self) -> bool {
+        self.bf16
     }
 
     /// Input rows seen so far.
@@ -56,6 +73,11 @@ impl Observer for HessianObserver {
         }
         if x.iter().any(|v| !v.is_finite()) {
             return Err(Error::new(format!("module `{}`: calibration inputs contain NaN or infinity", self.name)));
+        }
+        if self.bf16 {
+            bf16::add_xtx_lower(&mut self.sum, n, x, rows);
+            self.rows += rows as u64;
+            return Ok(());
         }
         // S[r0..r1, 0..r1] += X[:, r0..r1]^T X[:, 0..r1]: the lower triangle, band by band.
         for r0 in (0..n).step_by(BAND) {

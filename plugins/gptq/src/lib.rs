@@ -12,6 +12,7 @@
 //! Linears whose input or output width is not a multiple of 32 stay dense: the layout cannot
 //! hold them.
 
+mod bf16;
 pub mod hessian;
 pub mod linalg;
 pub mod packing;
@@ -45,6 +46,7 @@ pub fn params(config: &Config) -> GptqParams {
         damp_auto_increment: config.float("damp_auto_increment"),
         mse: config.float("mse"),
         zero_at_least_one: !sym && v1(config),
+        refit_scales: config.bool("refit_scales"),
     }
 }
 
@@ -82,7 +84,19 @@ fn tensor_specs(out: usize, inp: usize, config: &Config, bias: bool) -> Vec<Tens
 pub fn quantization_config(config: &Config) -> Map<String, Value> {
     let mut qc = Map::new();
     qc.insert("quant_method".into(), "gptq".into());
-    for key in ["bits", "group_size", "desc_act", "sym", "damp_percent", "damp_auto_increment", "static_groups", "true_sequential", "mse"] {
+    for key in [
+        "bits",
+        "group_size",
+        "desc_act",
+        "sym",
+        "damp_percent",
+        "damp_auto_increment",
+        "static_groups",
+        "true_sequential",
+        "mse",
+        "refit_scales",
+        "hessian_dtype",
+    ] {
         qc.insert(key.into(), config.values()[key].clone());
     }
     qc.insert("lm_head".into(), false.into());
@@ -142,6 +156,17 @@ impl QuantMethod for Gptq {
                     "clipping-grid search for group scales: error norm exponent (2.4 as GPTQModel); 0 disables",
                 ),
                 OptionSpec::choice("checkpoint_format", "gptq", &["gptq", "gptq_v2"], "gptq (v1, stores zero-1) or gptq_v2"),
+                OptionSpec::bool(
+                    "refit_scales",
+                    false,
+                    "kvant: after the solve, refit each row's group scales (codes fixed) to its least output error",
+                ),
+                OptionSpec::choice(
+                    "hessian_dtype",
+                    "bf16",
+                    &["bf16", "f32"],
+                    "products of the Hessian accumulation: bf16 (AVX512-BF16, F32 sums; F32 where absent) or f32",
+                ),
             ],
             tolerance: 0.35,
         }
@@ -190,8 +215,8 @@ impl QuantMethod for Gptq {
         Ok(Some(ModulePlan { name: module.name.clone(), shape: (out, inp), tensors, attrs: Value::Null }))
     }
 
-    fn new_observer(&self, module: &ModulePlan, _config: &Config) -> Result<HessianObserver> {
-        Ok(HessianObserver::new(module.name.clone(), module.shape.1))
+    fn new_observer(&self, module: &ModulePlan, config: &Config) -> Result<HessianObserver> {
+        Ok(HessianObserver::new(module.name.clone(), module.shape.1).with_bf16(config.str("hessian_dtype") == "bf16"))
     }
 
     fn quantize(&self, weights: &ModuleTensors<'_>, observer: Option<&HessianObserver>, config: &Config) -> Result<Quantized> {

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use kvant_plugin_api::{progress, Error, Result};
 use rayon::prelude::*;
 
-use crate::linalg::{inverse_cholesky_upper, matmul, Operand};
+use crate::linalg::{cholesky_lower, inverse_cholesky_upper, matmul, Operand};
 
 /// Columns per lazy-update block, as in the reference.
 pub const BLOCK: usize = 128;
@@ -40,6 +40,9 @@ pub struct GptqParams {
     pub mse: f64,
     /// Keep asymmetric zero points >= 1, because the v1 format stores `zero - 1` unsigned.
     pub zero_at_least_one: bool,
+    /// After the solve, refit every group scale of a row jointly, codes fixed, to minimise the
+    /// row's output error `(w - q)^T H (w - q)` on the calibration inputs (kvant's addition).
+    pub refit_scales: bool,
 }
 
 /// What a solve produces, in the original column order.
@@ -220,7 +223,7 @@ pub fn gptq(name: &str, w: &[f32], (out, inp): (usize, usize), mut h: Vec<f64>, 
     let (fixed_scales, fixed_zeros) = if fixed { fixed_params(&w, out, inp, gs, groups, p) } else { (vec![], vec![]) };
 
     let hp: Vec<f64> = (0..inp * inp).map(|idx| h[perm[idx / inp] * inp + perm[idx % inp]]).collect();
-    drop(h);
+    let h = if p.refit_scales { h } else { Vec::new() };
     let (u, damp) = damped_inverse_factor(name, hp, inp, p)?;
     let u: Vec<f32> = u.into_iter().map(|v| v as f32).collect();
 
@@ -335,7 +338,90 @@ pub fn gptq(name: &str, w: &[f32], (out, inp): (usize, usize), mut h: Vec<f64>, 
         // Dynamic groups follow the processing order; fixed ones the original column order.
         g_idx[col] = if fixed { (col / gs) as i32 } else { (j / gs) as i32 };
     }
-    Ok(GptqOutput { codes, scales, zeros, g_idx, loss: loss / nsamples.max(1) as f64, damp_percent: damp })
+    let mut solved = GptqOutput { codes, scales, zeros, g_idx, loss: loss / nsamples.max(1) as f64, damp_percent: damp };
+    if p.refit_scales {
+        refit_scales(&w, &h, damp, (out, inp), &mut solved);
+    }
+    Ok(solved)
+}
+
+/// Refits the scales of `solved` (codes and zero points fixed) so that each output row's
+/// error `(w - q)^T H_d (w - q)` is least, `H_d` being `h` dampened as the solve did. With
+/// `c = code - zero` and `B` the `inp x groups` matrix holding `c_j` in column `g_idx[j]`,
+/// the scales solve `(B^T H_d B) s = B^T H_d w`. Rows whose system is singular, or whose
+/// solution is not positive, keep their scales.
+fn refit_scales(w: &[f32], h: &[f64], damp: f64, (out, inp): (usize, usize), solved: &mut GptqOutput) {
+    let groups = solved.scales.len() / out;
+    let mean = (0..inp).map(|i| h[i * inp + i]).sum::<f64>() / inp as f64;
+    let hd: Vec<f32> = (0..inp * inp).map(|k| (h[k] + if k % (inp + 1) == 0 { damp * mean } else { 0.0 }) as f32).collect();
+    // c as [inp, out], and H_d c and H_d w^T as [inp, out] (one product each).
+    let c: Vec<f32> = (0..inp * out)
+        .map(|k| {
+            let (j, o) = (k / out, k % out);
+            solved.codes[k] as f32 - solved.zeros[solved.g_idx[j] as usize * out + o] as f32
+        })
+        .collect();
+    let members: Vec<Vec<usize>> =
+        (0..groups).map(|g| (0..inp).filter(|&j| solved.g_idx[j] as usize == g).collect()).collect();
+    let mut hw = vec![0f32; inp * out];
+    matmul((inp, out, inp), &mut hw, (0, out), Operand::rows(&hd, 0, inp), Operand::transposed(w, 0, inp), (0.0, 1.0), false, true);
+    // a[o][g'][g] = sum over j in g' of c[j][o] (H_d B_g)[j][o]; b[o][g] = sum over j in g of c[j][o] hw[j][o].
+    let mut a = vec![0f64; out * groups * groups];
+    let mut b = vec![0f64; out * groups];
+    let mut hb = vec![0f32; inp * out];
+    for (g, cols) in members.iter().enumerate() {
+        // H_d B_g = H_d[:, cols] c[cols, :], gathered so the product reads contiguous operands.
+        let hd = &hd;
+        let hcols: Vec<f32> = (0..inp).flat_map(|i| cols.iter().map(move |&j| hd[i * inp + j])).collect();
+        let crows: Vec<f32> = cols.iter().flat_map(|&j| c[j * out..(j + 1) * out].iter().copied()).collect();
+        let k = cols.len();
+        matmul((inp, out, k), &mut hb, (0, out), Operand::rows(&hcols, 0, k), Operand::rows(&crows, 0, out), (0.0, 1.0), false, true);
+        for j in 0..inp {
+            let g2 = solved.g_idx[j] as usize;
+            for o in 0..out {
+                a[(o * groups + g2) * groups + g] += c[j * out + o] as f64 * hb[j * out + o] as f64;
+            }
+        }
+        for &j in cols {
+            for o in 0..out {
+                b[o * groups + g] += c[j * out + o] as f64 * hw[j * out + o] as f64;
+            }
+        }
+    }
+    let new: Vec<Option<Vec<f64>>> = (0..out)
+        .into_par_iter()
+        .map(|o| {
+            let mut m = a[o * groups * groups..(o + 1) * groups * groups].to_vec();
+            cholesky_lower(&mut m, groups).ok()?;
+            let s = solve_cholesky(&m, groups, &b[o * groups..(o + 1) * groups]);
+            s.iter().all(|v| v.is_finite() && *v > 0.0).then_some(s)
+        })
+        .collect();
+    for (o, s) in new.into_iter().enumerate() {
+        if let Some(s) = s {
+            for (g, v) in s.into_iter().enumerate() {
+                solved.scales[g * out + o] = round_scale(v as f32);
+            }
+        }
+    }
+}
+
+/// Solves `L L^T x = b` for a lower-triangular `l` (`n x n`).
+fn solve_cholesky(l: &[f64], n: usize, b: &[f64]) -> Vec<f64> {
+    let mut y = b.to_vec();
+    for i in 0..n {
+        for k in 0..i {
+            y[i] -= l[i * n + k] * y[k];
+        }
+        y[i] /= l[i * n + i];
+    }
+    for i in (0..n).rev() {
+        for k in i + 1..n {
+            y[i] -= l[k * n + i] * y[k];
+        }
+        y[i] /= l[i * n + i];
+    }
+    y
 }
 
 struct ChunkResult {

@@ -21,6 +21,7 @@ fn params(bits: u32, group_size: i64, sym: bool, desc_act: bool) -> GptqParams {
         damp_auto_increment: 0.01,
         mse: 0.0,
         zero_at_least_one: false,
+        refit_scales: false,
     }
 }
 
@@ -56,6 +57,44 @@ fn gptq_beats_round_to_nearest_on_the_calibration_inputs() {
         eprintln!("bits {bits} group {group} sym {sym} act-order {desc_act}: RTN {e_rtn:.4}, GPTQ {e_gptq:.4}, loss {:.4}", q.loss);
         assert!(e_gptq < 0.8 * e_rtn, "bits {bits} group {group}: GPTQ {e_gptq} vs RTN {e_rtn}");
         assert!(q.loss.is_finite() && q.loss > 0.0);
+    }
+}
+
+#[test]
+fn bf16_hessian_products_cost_almost_no_accuracy() {
+    let (out, inp, rows) = (128, 576, 2048);
+    let x = activations(rows, inp, 41);
+    let w = normal(out * inp, 42);
+    let mut f32_obs = HessianObserver::new("m", inp);
+    let mut bf16_obs = HessianObserver::new("m", inp).with_bf16(true);
+    for batch in x.chunks(512 * inp) {
+        f32_obs.observe(batch, batch.len() / inp).unwrap();
+        bf16_obs.observe(batch, batch.len() / inp).unwrap();
+    }
+    let p = params(4, 128, true, false);
+    let a = gptq("m", &w, (out, inp), f32_obs.hessian(), f32_obs.rows(), &p).unwrap();
+    let b = gptq("m", &w, (out, inp), bf16_obs.hessian(), bf16_obs.rows(), &p).unwrap();
+    let e_f32 = output_error(&x, rows, &w, &a.dequantize(out, inp), (out, inp));
+    let e_bf16 = output_error(&x, rows, &w, &b.dequantize(out, inp), (out, inp));
+    eprintln!("Hessian products F32: {e_f32:.5}, BF16 (used: {}): {e_bf16:.5}", bf16_obs.uses_bf16());
+    assert!(e_bf16 < 1.01 * e_f32, "{e_bf16} vs {e_f32}");
+}
+
+#[test]
+fn refitting_scales_lowers_the_output_error() {
+    let (out, inp, rows) = (96, 320, 1024);
+    let x = activations(rows, inp, 51);
+    let w = normal(out * inp, 52);
+    let (h, n) = hessian(&x, rows, inp);
+    for (bits, group, sym, desc_act) in [(4, 128, true, false), (3, 64, false, true), (2, -1, true, false)] {
+        let p = params(bits, group, sym, desc_act);
+        let plain = gptq("m", &w, (out, inp), h.clone(), n, &p).unwrap();
+        let refit = gptq("m", &w, (out, inp), h.clone(), n, &GptqParams { refit_scales: true, ..p }).unwrap();
+        assert_eq!((&plain.codes, &plain.g_idx), (&refit.codes, &refit.g_idx));
+        let e_plain = output_error(&x, rows, &w, &plain.dequantize(out, inp), (out, inp));
+        let e_refit = output_error(&x, rows, &w, &refit.dequantize(out, inp), (out, inp));
+        eprintln!("bits {bits} group {group} sym {sym} act-order {desc_act}: GPTQ {e_plain:.5}, with refit scales {e_refit:.5}");
+        assert!(e_refit < e_plain);
     }
 }
 

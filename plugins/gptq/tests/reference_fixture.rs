@@ -43,6 +43,7 @@ fn write_reference_fixture() {
         damp_auto_increment: 0.01,
         mse: 0.0,
         zero_at_least_one: false,
+        refit_scales: false,
     };
     let cases = [
         ("b4_g128_sym", base),

@@ -1,0 +1,153 @@
+//! `S += X^T X` (lower triangle) with BF16 products and F32 sums, on AVX512-BF16's
+//! `vdpbf16ps`, which does twice the multiply-adds of an F32 FMA per instruction.
+//!
+//! Rows of `X` are taken in pairs: the packed word for (row pair `rp`, column `c`) holds
+//! `bf16(x[2rp][c])` low and `bf16(x[2rp+1][c])` high, so one `vdpbf16ps` lane adds
+//! `x[2rp][i] x[2rp][j] + x[2rp+1][i] x[2rp+1][j]`. Packed columns are stored in panels of 16
+//! (one vector) with row pairs consecutive, so the kernel streams memory in order.
+
+use rayon::prelude::*;
+
+/// Rows of `S` per tile (broadcast operands).
+const MR: usize = 8;
+/// Columns of `S` per tile: three vectors of 16.
+const NR: usize = 48;
+/// Input rows packed and multiplied at a time: their panels stay in the L2 cache.
+const ROWS_PER_PASS: usize = 512;
+
+/// True when this CPU can run [`add_xtx_lower`].
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Adds the lower triangle (and some entries just above the diagonal) of `X^T X` to `s`
+/// (`n x n` row-major), `x` being `rows x n` row-major. Call only when [`available`].
+pub fn add_xtx_lower(s: &mut [f32], n: usize, x: &[f32], rows: usize) {
+    assert!(available(), "AVX512-BF16 is not available");
+    assert_eq!(s.len(), n * n);
+    assert_eq!(x.len(), rows * n);
+    let padded = n.div_ceil(NR) * NR;
+    for pass in x.chunks(ROWS_PER_PASS * n) {
+        let pairs = (pass.len() / n).div_ceil(2);
+        let packed = pack(pass, n, pairs, padded);
+        s.par_chunks_mut(MR * n).enumerate().for_each(|(t, rows_of_s)| {
+            let i0 = t * MR;
+            let mut tile = [[0f32; NR]; MR];
+            let mut j0 = 0;
+            // Tiles up to and including the one holding the diagonal entries of rows i0..i0+MR.
+            while j0 < n && j0 < i0 + MR {
+                // SAFETY: `available()` was checked; the panel offsets stay inside `packed`
+                // (i0 < n <= padded and j0 + NR <= padded).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    tile_kernel(&packed, pairs, i0, j0, &mut tile)
+                };
+                for (m, row) in tile.iter().enumerate().take((n - i0).min(MR)) {
+                    let dst = &mut rows_of_s[m * n + j0..m * n + (j0 + NR).min(n)];
+                    dst.iter_mut().zip(row).for_each(|(d, v)| *d += v);
+                }
+                j0 += NR;
+            }
+        });
+    }
+}
+
+/// Packs `pairs` row pairs of `x` (`n` columns; an odd last row is paired with zeros) into
+/// panels of 16 columns: word `(c / 16) * pairs * 16 + rp * 16 + c % 16`. Columns up to
+/// `padded` are zero.
+fn pack(x: &[f32], n: usize, pairs: usize, padded: usize) -> Vec<u32> {
+    let rows = x.len() / n;
+    let mut out = vec![0u32; padded * pairs];
+    out.par_chunks_mut(16 * pairs).enumerate().for_each(|(panel, words)| {
+        for rp in 0..pairs {
+            for l in 0..16 {
+                let c = panel * 16 + l;
+                if c >= n {
+                    break;
+                }
+                let lo = to_bf16(x[2 * rp * n + c]);
+                let hi = if 2 * rp + 1 < rows { to_bf16(x[(2 * rp + 1) * n + c]) } else { 0 };
+                words[rp * 16 + l] = lo | hi << 16;
+            }
+        }
+    });
+    out
+}
+
+/// BF16 bits of a finite `v`, rounded to nearest even (the observer refuses non-finite input).
+#[inline(always)]
+fn to_bf16(v: f32) -> u32 {
+    let bits = v.to_bits();
+    (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+}
+
+/// `tile[m][l] = sum over row pairs of S-contributions for (i0 + m, j0 + l)`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile_kernel(packed: &[u32], pairs: usize, i0: usize, j0: usize, tile: &mut [[f32; NR]; MR]) {
+    use std::arch::x86_64::*;
+    let stride = 16 * pairs;
+    let a = packed.as_ptr().add(i0 / 16 * stride + i0 % 16);
+    let b = packed.as_ptr().add(j0 / 16 * stride);
+    let mut acc = [[_mm512_setzero_ps(); 3]; MR];
+    for rp in 0..pairs {
+        // Plain statements, no closure: intrinsics must inline into this target_feature body.
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(rp * 16) as *const __m512i));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(stride + rp * 16) as *const __m512i));
+        let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(2 * stride + rp * 16) as *const __m512i));
+        for (m, acc_m) in acc.iter_mut().enumerate() {
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(rp * 16 + m) as i32));
+            acc_m[0] = _mm512_dpbf16_ps(acc_m[0], av, b0);
+            acc_m[1] = _mm512_dpbf16_ps(acc_m[1], av, b1);
+            acc_m[2] = _mm512_dpbf16_ps(acc_m[2], av, b2);
+        }
+    }
+    for (m, acc_m) in acc.iter().enumerate() {
+        for v in 0..3 {
+            _mm512_storeu_ps(tile[m].as_mut_ptr().add(16 * v), acc_m[v]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        for k in 0..100_000u32 {
+            let v = f32::from_bits(k.wrapping_mul(2_654_435_761) & 0xBFFF_FFFF);
+            if v.is_finite() {
+                assert_eq!(to_bf16(v), half::bf16::from_f32(v).to_bits() as u32, "{v}");
+            }
+        }
+    }
+
+    #[test]
+    fn matches_f64_products_of_the_bf16_rounded_inputs() {
+        if !available() {
+            return;
+        }
+        // Odd row count, widths that are not multiples of the tile, more rows than one pass.
+        for (n, rows) in [(70, 1037), (8, 3), (131, 600)] {
+            let x: Vec<f32> = (0..rows * n).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0).collect();
+            let mut s = vec![0f32; n * n];
+            add_xtx_lower(&mut s, n, &x, rows);
+            let r: Vec<f64> = x.iter().map(|&v| half::bf16::from_f32(v).to_f32() as f64).collect();
+            for i in 0..n {
+                for j in 0..=i {
+                    let want: f64 = (0..rows).map(|k| r[k * n + i] * r[k * n + j]).sum();
+                    let got = s[i * n + j] as f64;
+                    assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0) * (rows as f64).sqrt(), "n {n} ({i},{j}): {got} vs {want}");
+                }
+            }
+        }
+    }
+}
