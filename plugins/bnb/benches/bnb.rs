@@ -86,7 +86,15 @@ fn main() {
     });
     println!("  of which 4-bit codes {:.3} ms, absmax double quant {:.3} ms", pack * 1e3, nested * 1e3);
     let absmax = double_quant::decompress(&double_quant::compress(&q.absmax));
-    let wt = Weight4 { packed: &q.packed, absmax: &absmax, rows: N, cols: N, blocksize: 64, quant_type: QuantType::Nf4 };
+    let wt = Weight4 {
+        packed: &q.packed,
+        absmax: &absmax,
+        rows: N,
+        cols: N,
+        blocksize: 64,
+        quant_type: QuantType::Nf4,
+        dtype: DType::BF16,
+    };
     let nf4_fwd = median_secs(50, || {
         std::hint::black_box(forward::forward(&wt, &x, 1, None).unwrap());
     });

@@ -341,7 +341,15 @@ impl QuantMethod for Bnb4 {
             [o, i] => (o, i),
             _ => return Err(Error::new(format!("`{}`: not a Linear", module.plan.name))),
         };
-        let w = Weight4 { packed, absmax: &absmax, rows: out, cols: inp, blocksize: meta.blocksize, quant_type: meta.quant_type };
+        let w = Weight4 {
+            packed,
+            absmax: &absmax,
+            rows: out,
+            cols: inp,
+            blocksize: meta.blocksize,
+            quant_type: meta.quant_type,
+            dtype: meta.dtype,
+        };
         let bias = module.find("bias").map(|b| b.to_f32());
         forward::forward(&w, x, rows, bias.as_deref())
     }
