@@ -168,7 +168,7 @@ impl QuantMethod for Gptq {
                     "products of the Hessian accumulation: bf16 (AVX512-BF16, F32 sums; F32 where absent) or f32",
                 ),
             ],
-            tolerance: 0.35,
+            tolerance: 0.25,
         }
     }
 

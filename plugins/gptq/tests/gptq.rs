@@ -310,3 +310,26 @@ fn widths_that_do_not_fill_words_stay_dense() {
     assert!(method.plan_linear(&module(33, 64, false), &c).unwrap().is_none());
     assert!(method.plan_linear(&module(64, 70, false), &c).unwrap().is_none());
 }
+
+/// As `kvant plugin check` runs it: Gaussian weights and only 64 Gaussian calibration rows
+/// (fewer than the inputs for 576), default options; the weight error stays within tolerance.
+#[test]
+fn weight_error_stays_within_the_declared_tolerance_with_little_calibration() {
+    let method = Gptq;
+    let c = config(&method, json!({}));
+    for (out, inp) in [(64, 64), (96, 576)] {
+        let plan = method.plan_linear(&module(out, inp, false), &c).unwrap().unwrap();
+        let mut obs = method.new_observer(&plan, &c).unwrap();
+        for batch in 0..4 {
+            obs.observe(&normal(16 * inp, 100 + batch), 16).unwrap();
+        }
+        let wt = Tensor::f32("weight", [out, inp], &normal(out * inp, 7));
+        let views = [wt.view()];
+        let q = method.quantize(&ModuleTensors { plan: &plan, tensors: &views }, Some(&obs), &c).unwrap();
+        let packed: Vec<TensorView<'_>> = q.tensors.iter().map(Tensor::view).collect();
+        let back = method.dequantize(&ModuleTensors { plan: &plan, tensors: &packed }, &c).unwrap();
+        let err = kvant_plugin_api::dense::relative_error(&back, &wt.view().to_f32());
+        eprintln!("{out}x{inp}: relative weight error {err:.4}");
+        assert!(err < method.info().tolerance as f64, "{out}x{inp}: {err}");
+    }
+}
