@@ -127,6 +127,44 @@ fn library_path(base: &Path, library: &Path) -> PathBuf {
     path.with_file_name(format!("{}{name}{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX))
 }
 
+/// What a `registry.toml` asks for, before any library is opened.
+pub struct RegistryPlan {
+    /// The drop-in folder it names, resolved against the file's folder.
+    pub plugins_dir: Option<PathBuf>,
+    /// Libraries to load, each with the entries that name it (a library may provide several).
+    libraries: BTreeMap<PathBuf, BTreeMap<String, RegistryEntry>>,
+    /// Entries refused before loading, and why.
+    pub refused: Vec<Broken>,
+}
+
+impl RegistryPlan {
+    /// Parses the text of the registry `file` (used to resolve relative paths and in messages).
+    pub fn parse(file: &Path, text: &str) -> Result<RegistryPlan> {
+        let parsed: RegistryFile =
+            toml::from_str(text).with_context(|| format!("{} is not a valid registry", file.display()))?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        let mut plan = RegistryPlan {
+            plugins_dir: parsed.plugins_dir.map(|d| base.join(d)),
+            libraries: BTreeMap::new(),
+            refused: Vec::new(),
+        };
+        for (name, entry) in parsed.methods {
+            let path = library_path(base, &entry.library);
+            if let Err(reason) = check_inside(base, &entry.library, &path) {
+                plan.refused.push(Broken { path, reason: format!("method `{name}` in {}: {reason}", file.display()) });
+                continue;
+            }
+            plan.libraries.entry(path).or_default().insert(name, entry);
+        }
+        Ok(plan)
+    }
+
+    /// The library files it names.
+    pub fn library_paths(&self) -> impl Iterator<Item = &Path> {
+        self.libraries.keys().map(PathBuf::as_path)
+    }
+}
+
 impl Registry {
     /// Loads every plugin named by `sources`. Broken libraries are recorded, not fatal; two
     /// libraries declaring the same method name are an error naming both.
@@ -138,23 +176,12 @@ impl Registry {
 
         if let Some(file) = &sources.registry_file {
             let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-            let parsed: RegistryFile =
-                toml::from_str(&text).with_context(|| format!("{} is not a valid registry", file.display()))?;
-            let base = file.parent().unwrap_or(Path::new("."));
+            let parsed = RegistryPlan::parse(file, &text)?;
             if plugins_dir.is_none() {
-                plugins_dir = parsed.plugins_dir.map(|d| base.join(d));
+                plugins_dir = parsed.plugins_dir;
             }
-            // Group entries by library so a library providing several methods loads once.
-            let mut by_library: BTreeMap<PathBuf, BTreeMap<String, RegistryEntry>> = BTreeMap::new();
-            for (name, entry) in parsed.methods {
-                let path = library_path(base, &entry.library);
-                if let Err(reason) = check_inside(base, &entry.library, &path) {
-                    registry.broken.push(Broken { path, reason: format!("method `{name}` in {}: {reason}", file.display()) });
-                    continue;
-                }
-                by_library.entry(path).or_default().insert(name, entry);
-            }
-            wanted.extend(by_library.into_iter().map(|(p, e)| (p, Some(e))));
+            registry.broken.extend(parsed.refused);
+            wanted.extend(parsed.libraries.into_iter().map(|(p, e)| (p, Some(e))));
         }
         if let Some(dir) = &plugins_dir {
             if dir.is_dir() {
