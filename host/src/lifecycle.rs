@@ -313,7 +313,7 @@ pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeRe
             let full = if module.name.is_empty() { view.name.to_string() } else { full };
             match convert_dense(&view, dtype) {
                 Some(bytes) => writer.write(&full, &bytes)?,
-                None => writer.write_view(&full, &view)?,
+                None => writer.write_view_in_pieces(&full, &view, |piece| checkpoint.release_bytes(piece))?,
             }
             checkpoint.release(&full);
         }

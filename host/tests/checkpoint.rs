@@ -945,3 +945,30 @@ fn hugging_face_cache_snapshot_links_into_blobs_are_accepted() {
     }
     assert_same_tensors(&Checkpoint::open(&snapshot).unwrap(), &tensors);
 }
+
+#[test]
+fn large_tensors_stream_in_pieces_and_released_pages_read_back_the_same() {
+    // 20 MiB: two pieces of the writer's 16 MiB.
+    let values: Vec<f32> = (0..5 << 20).map(|i| i as f32 * 0.5 - 7.0).collect();
+    let big = Tensor::f32("model.embed_tokens.weight", [5 << 10, 1 << 10], &values);
+    let src = TempDir::new().unwrap();
+    save_dense(src.path().join("in"), &[big.clone()], &sample_config()).unwrap();
+    let checkpoint = Checkpoint::open(src.path().join("in")).unwrap();
+    let view = checkpoint.view("model.embed_tokens.weight").unwrap();
+
+    let writer = CheckpointWriter::create(src.path().join("out"), specs(&[big.clone()]), WriterOptions::default()).unwrap();
+    let mut pieces = Vec::new();
+    writer
+        .write_view_in_pieces("model.embed_tokens.weight", &view, |piece| {
+            pieces.push(piece.len());
+            checkpoint.release_bytes(piece);
+        })
+        .unwrap();
+    writer.finish(&sample_config(), &[]).unwrap();
+    assert_eq!(pieces, [16 << 20, 4 << 20]);
+
+    checkpoint.release("model.embed_tokens.weight");
+    checkpoint.release_bytes(&[1, 2, 3]); // not checkpoint memory: ignored
+    assert_eq!(view.data, big.data.as_slice());
+    assert_same_tensors(&Checkpoint::open(src.path().join("out")).unwrap(), &[big]);
+}

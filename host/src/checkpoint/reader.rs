@@ -268,19 +268,29 @@ impl Checkpoint {
     /// through a model keeps resident memory near one module instead of the whole file. The
     /// bytes stay readable: touching them again reads them back from the file (the page cache).
     pub fn release(&self, name: &str) {
-        let Some(entry) = self.by_name.get(name).map(|&i| &self.entries[i]) else { return };
-        let shard = &self.shards[entry.shard];
+        if let Ok(view) = self.view(name) {
+            self.release_bytes(view.data);
+        }
+    }
+
+    /// [`release`](Self::release) for part of a view's data; bytes that are not in one of this
+    /// checkpoint's maps are ignored.
+    pub fn release_bytes(&self, data: &[u8]) {
+        let at = data.as_ptr() as usize;
+        let Some(shard) = self.shards.iter().find(|s| {
+            let start = s.mmap.as_ptr() as usize;
+            at >= start && at + data.len() <= start + s.mmap.len()
+        }) else {
+            return;
+        };
         // SAFETY: the map is a read-only shared mapping of a file that is not modified while
         // open, so MADV_DONTNEED only forgets pages: any later read faults the same bytes in
-        // again and outstanding views stay valid. Pages shared with a neighbouring tensor are
+        // again and outstanding views stay valid. Pages shared with neighbouring bytes are
         // dropped too and simply faulted in again. Failure changes nothing: it is only advice.
         #[cfg(unix)]
         unsafe {
-            let _ = shard.mmap.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                shard.data_start + entry.begin,
-                entry.end - entry.begin,
-            );
+            let offset = at - shard.mmap.as_ptr() as usize;
+            let _ = shard.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, data.len());
         }
     }
 

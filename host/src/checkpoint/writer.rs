@@ -48,6 +48,9 @@ impl Default for WriterOptions {
     }
 }
 
+/// Largest positioned write of [`CheckpointWriter::write_in_pieces`].
+const PIECE: usize = 16 << 20;
+
 const PENDING: u8 = 0;
 const WRITING: u8 = 1;
 const DONE: u8 = 2;
@@ -215,6 +218,13 @@ impl CheckpointWriter {
     /// plan, the length is not the planned one, the tensor was already written, or the disk
     /// refuses the write.
     pub fn write(&self, name: &str, data: &[u8]) -> Result<()> {
+        self.write_in_pieces(name, data, |_| {})
+    }
+
+    /// [`write`](Self::write) in positioned writes of at most 16 MiB, calling
+    /// `after_piece` with each piece once it is written: a caller streaming from a memory map
+    /// can release the pages it will not read again, so that a large tensor is never resident whole.
+    pub fn write_in_pieces(&self, name: &str, data: &[u8], mut after_piece: impl FnMut(&[u8])) -> Result<()> {
         let slot = self.slot(name)?;
         if data.len() != slot.spec.byte_len() {
             bail!(
@@ -233,7 +243,12 @@ impl CheckpointWriter {
             bail!("tensor `{name}` was written twice; each output tensor must be written once");
         }
         let shard = &self.shards[slot.shard];
-        match self.write_all_at(&shard.file, &shard.path, slot.file_offset, data) {
+        let written = data.chunks(PIECE).enumerate().try_for_each(|(i, piece)| {
+            self.write_all_at(&shard.file, &shard.path, slot.file_offset + (i * PIECE) as u64, piece)?;
+            after_piece(piece);
+            Ok::<_, anyhow::Error>(())
+        });
+        match written {
             Ok(()) => {
                 slot.state.store(DONE, Ordering::Release);
                 Ok(())
@@ -251,6 +266,11 @@ impl CheckpointWriter {
     /// Like [`write`](Self::write), and also checks that the view's dtype and shape are the
     /// planned ones. `full_name` is the output name; the view's own name is not used.
     pub fn write_view(&self, full_name: &str, view: &TensorView<'_>) -> Result<()> {
+        self.write_view_in_pieces(full_name, view, |_| {})
+    }
+
+    /// [`write_view`](Self::write_view) through [`write_in_pieces`](Self::write_in_pieces).
+    pub fn write_view_in_pieces(&self, full_name: &str, view: &TensorView<'_>, after_piece: impl FnMut(&[u8])) -> Result<()> {
         let planned = &self.slot(full_name)?.spec;
         if view.dtype != planned.dtype || view.shape != planned.shape.as_slice() {
             bail!(
@@ -261,7 +281,7 @@ impl CheckpointWriter {
                 planned.shape
             );
         }
-        self.write(full_name, view.data)
+        self.write_in_pieces(full_name, view.data, after_piece)
     }
 
     fn slot(&self, name: &str) -> Result<&Slot> {
