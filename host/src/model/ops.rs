@@ -242,8 +242,10 @@ pub(crate) struct AttnShape {
 ///
 /// `q` is `[batch * seq, heads * head_dim]`, `k` and `v` are `[batch * seq, kv_heads * head_dim]`
 /// (rotary embeddings already applied); query head `h` reads key/value head
-/// `h / (heads / kv_heads)`. Returns `[batch * seq, heads * head_dim]`. Work is split over
-/// (window, head) pairs with rayon.
+/// `h / (heads / kv_heads)`. Returns `[batch * seq, heads * head_dim]`.
+///
+/// Work is split over (window, kv head) pairs with rayon. The query heads sharing a kv head are
+/// stacked into one matrix per tile, so each key/value tile is packed once for all of them.
 pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
     let (seq, hd) = (s.seq, s.head_dim);
     let qw = s.heads * hd;
@@ -253,59 +255,71 @@ pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f3
     assert_eq!(v.len(), k.len());
     let group = s.heads / s.kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let per_head: Vec<Vec<f32>> = (0..s.batch * s.heads)
+    let per_group: Vec<Vec<f32>> = (0..s.batch * s.kv_heads)
         .into_par_iter()
         .map(|task| {
-            let (b, h) = (task / s.heads, task % s.heads);
-            let kvh = h / group;
-            let q0 = b * seq * qw + h * hd;
-            let k0 = b * seq * kw + kvh * hd;
-            let mut out = vec![0f32; seq * hd];
-            let mut scores = vec![0f32; QUERY_TILE * seq];
+            let (b, g) = (task / s.kv_heads, task % s.kv_heads);
+            let k0 = b * seq * kw + g * hd;
+            // `out` is [group, seq, hd]; the tile buffers stack the group's heads the same way.
+            let mut out = vec![0f32; group * seq * hd];
+            let mut q_tile = vec![0f32; group * QUERY_TILE * hd];
+            let mut o_tile = vec![0f32; group * QUERY_TILE * hd];
+            let mut scores = vec![0f32; group * QUERY_TILE * seq];
             for t0 in (0..seq).step_by(QUERY_TILE) {
                 let t1 = (t0 + QUERY_TILE).min(seq);
                 let rows = t1 - t0;
+                let m = group * rows;
+                for j in 0..group {
+                    let h = g * group + j;
+                    for r in 0..rows {
+                        let src = &q[(b * seq + t0 + r) * qw + h * hd..][..hd];
+                        for (d, x) in q_tile[(j * rows + r) * hd..][..hd].iter_mut().zip(src) {
+                            *d = x * scale;
+                        }
+                    }
+                }
                 // Keys this tile can see: up to its last query, and within the window of its first.
                 let first_key = s.window.map_or(0, |w| (t0 + 1).saturating_sub(w));
                 let nk = t1 - first_key;
                 matmul_strided(
-                    MatRef { data: &q[q0 + t0 * qw..], rows, cols: hd, row_stride: qw, col_stride: 1 },
+                    MatRef { data: &q_tile, rows: m, cols: hd, row_stride: hd, col_stride: 1 },
                     MatRef { data: &k[k0 + first_key * kw..], rows: nk, cols: hd, row_stride: kw, col_stride: 1 },
                     &mut scores,
                     nk,
                     false,
                 );
-                for r in 0..rows {
-                    let pos = t0 + r;
+                for (i, row) in scores[..m * nk].chunks_exact_mut(nk).enumerate() {
+                    let pos = t0 + i % rows;
                     let lo = s.window.map_or(0, |w| (pos + 1).saturating_sub(w)) - first_key;
                     let hi = pos + 1 - first_key;
-                    let row = &mut scores[r * nk..(r + 1) * nk];
                     row[..lo].fill(0.0);
                     row[hi..].fill(0.0);
-                    let live = &mut row[lo..hi];
-                    for x in live.iter_mut() {
-                        *x *= scale;
-                    }
-                    softmax_in_place(live);
+                    softmax_in_place(&mut row[lo..hi]);
                 }
-                // out[t0..t1] = P V, with V^T read through strides.
+                // P V, with V^T read through strides.
                 matmul_strided(
-                    MatRef { data: &scores, rows, cols: nk, row_stride: nk, col_stride: 1 },
+                    MatRef { data: &scores, rows: m, cols: nk, row_stride: nk, col_stride: 1 },
                     MatRef { data: &v[k0 + first_key * kw..], rows: hd, cols: nk, row_stride: 1, col_stride: kw },
-                    &mut out[t0 * hd..],
+                    &mut o_tile,
                     hd,
                     false,
                 );
+                for j in 0..group {
+                    out[(j * seq + t0) * hd..(j * seq + t1) * hd].copy_from_slice(&o_tile[j * rows * hd..(j + 1) * rows * hd]);
+                }
             }
             out
         })
         .collect();
     let mut y = vec![0f32; s.batch * seq * qw];
-    for (task, out) in per_head.iter().enumerate() {
-        let (b, h) = (task / s.heads, task % s.heads);
-        for t in 0..seq {
-            let dst = (b * seq + t) * qw + h * hd;
-            y[dst..dst + hd].copy_from_slice(&out[t * hd..(t + 1) * hd]);
+    for (task, out) in per_group.iter().enumerate() {
+        let (b, g) = (task / s.kv_heads, task % s.kv_heads);
+        for j in 0..group {
+            let h = g * group + j;
+            for t in 0..seq {
+                let dst = (b * seq + t) * qw + h * hd;
+                y[dst..dst + hd].copy_from_slice(&out[(j * seq + t) * hd..][..hd]);
+            }
         }
     }
     y
