@@ -178,7 +178,8 @@ fn unique_keys(options: &[OptionSpec]) -> Result<String, String> {
 }
 
 fn defaults(method: &MethodClient) -> Result<Config, String> {
-    let config = method.validate_config(&Map::new()).map_err(|p| format!("the defaults are rejected: {}", problems_text(&p)))?;
+    let config =
+        method.validate_config(&Map::new()).map_err(|p| format!("the defaults are rejected: {}", problems_text(&p)))?;
     let again = method
         .validate_config(config.values())
         .map_err(|p| format!("the validated defaults are rejected when given back: {}", problems_text(&p)))?;
@@ -206,10 +207,9 @@ fn out_of_range(kind: &OptionKind) -> Option<Value> {
     match kind {
         OptionKind::Int { min, max } => max.checked_add(1).or_else(|| min.checked_sub(1)).map(Value::from),
         OptionKind::IntChoice { values } => values.iter().max().and_then(|m| m.checked_add(1)).map(Value::from),
-        OptionKind::Float { min, max } => [max + max.abs().max(1.0), min - min.abs().max(1.0)]
-            .into_iter()
-            .find(|v| v.is_finite())
-            .map(Value::from),
+        OptionKind::Float { min, max } => {
+            [max + max.abs().max(1.0), min - min.abs().max(1.0)].into_iter().find(|v| v.is_finite()).map(Value::from)
+        }
         OptionKind::Choice { values } => Some(Value::from(format!("not-{}", values.join("-or-")))),
         OptionKind::Bool | OptionKind::String | OptionKind::StringList => None,
     }
@@ -311,7 +311,12 @@ fn cases() -> Vec<Case> {
 /// Plan, quantize, check against the plan, `linear_shape`, dequantize and forward for one case.
 fn round_trip(method: &MethodClient, config: &Config, case: &Case) -> Result<String, String> {
     let (out, inp) = (case.out, case.inp);
-    let weight = Tensor { name: "weight".into(), dtype: case.dtype, shape: vec![out, inp], data: from_f32(case.dtype, &gaussian(case.seed, out * inp)) };
+    let weight = Tensor {
+        name: "weight".into(),
+        dtype: case.dtype,
+        shape: vec![out, inp],
+        data: from_f32(case.dtype, &gaussian(case.seed, out * inp)),
+    };
     let bias = case.bias.then(|| Tensor {
         name: "bias".into(),
         dtype: case.dtype,
@@ -335,7 +340,14 @@ fn round_trip(method: &MethodClient, config: &Config, case: &Case) -> Result<Str
         [] if case.may_stay_dense => return Ok("kept dense by the plan".into()),
         [] => return Err("the plan keeps a plain Linear dense".into()),
         [m] if m.name == MODULE && m.shape == (out, inp) => m,
-        [m] => return Err(format!("the plan converts `{}` {:?}; the skeleton has `{MODULE}` {:?}", m.name, m.shape, (out, inp))),
+        [m] => {
+            return Err(format!(
+                "the plan converts `{}` {:?}; the skeleton has `{MODULE}` {:?}",
+                m.name,
+                m.shape,
+                (out, inp)
+            ))
+        }
         more => return Err(format!("the plan converts {} modules; the skeleton has one", more.len())),
     };
     if case.bias && !module.tensors.iter().any(|t| t.name == "bias") {
@@ -373,8 +385,8 @@ fn round_trip(method: &MethodClient, config: &Config, case: &Case) -> Result<Str
     }
     let original = to_f32(case.dtype, &weight.data);
     let error = relative_error(&back, &original);
-    let tolerance = method.info().tolerance as f64;
-    if !(error <= tolerance) {
+    let tolerance = method.info().tolerance;
+    if error.is_nan() || error > f64::from(tolerance) {
         return Err(format!("relative error {error:.4} exceeds the declared tolerance {tolerance}"));
     }
 
@@ -386,7 +398,7 @@ fn round_trip(method: &MethodClient, config: &Config, case: &Case) -> Result<Str
         return Err(format!("forward returned {} values for {ROWS} rows of a {out}x{inp} Linear", y.len()));
     }
     let forward_error = relative_error(&y, &expected);
-    if !(forward_error <= FORWARD_TOLERANCE) {
+    if forward_error.is_nan() || forward_error > FORWARD_TOLERANCE {
         return Err(format!(
             "forward differs from dequantize + matmul by {forward_error:.2e} (relative; at most {FORWARD_TOLERANCE:e})"
         ));
@@ -407,9 +419,9 @@ fn reads_back(method: &MethodClient, config: &Config) -> Result<String, String> 
         ));
     }
     let options = method.config_from_checkpoint(&qc).map_err(|e| format!("config_from_checkpoint: {e}"))?;
-    let again = method
-        .validate_config(&options)
-        .map_err(|p| format!("the options read back from its quantization_config are rejected: {}", problems_text(&p)))?;
+    let again = method.validate_config(&options).map_err(|p| {
+        format!("the options read back from its quantization_config are rejected: {}", problems_text(&p))
+    })?;
     if &again != config {
         return Err(format!(
             "options {} read back as {}",
@@ -470,9 +482,16 @@ mod tests {
         assert_eq!(out_of_range(&float.kind), Some(json!(2.0)));
         let text = OptionSpec::choice("quant_type", "nf4", &["nf4", "fp4"], "");
         assert_eq!(out_of_range(&text.kind), Some(json!("not-nf4-or-fp4")));
-        for option in [int, choice, float, text, OptionSpec::bool("sym", true, ""), OptionSpec::string_list("skip", false, "")] {
+        for option in
+            [int, choice, float, text, OptionSpec::bool("sym", true, ""), OptionSpec::string_list("skip", false, "")]
+        {
             let user: Map<String, Value> = [(option.key.clone(), wrong_type(&option.kind))].into_iter().collect();
-            assert!(Config::validate(&[option.clone()], &user).is_err(), "{} accepted {:?}", option.key, user);
+            assert!(
+                Config::validate(std::slice::from_ref(&option), &user).is_err(),
+                "{} accepted {:?}",
+                option.key,
+                user
+            );
         }
     }
 

@@ -175,7 +175,8 @@ fn a_panic_in_quantize_is_an_error_and_the_host_keeps_running() {
     write_llama(&model, DType::F32, 10);
     let registry = load_registry(&registry_for(tmp.path(), &[("panic-quantize", Plugin::Panicky)])).unwrap();
     let out = tmp.path().join("out");
-    let error = lifecycle::quantize(&registry, &quantize_request(&model, "panic-quantize", json!({}), &out)).err().unwrap();
+    let error =
+        lifecycle::quantize(&registry, &quantize_request(&model, "panic-quantize", json!({}), &out)).err().unwrap();
     assert!(format!("{error:#}").contains("panicked in quantize"), "{error:#}");
     assert!(!out.exists(), "a failed quantization must leave no output");
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2, "nothing but the model and registry.toml remains");
@@ -264,7 +265,9 @@ fn conformance_suite_passes_rtn_and_catches_faulty_plugins() {
     let failures: Vec<String> = report.failures().map(|c| c.to_string()).collect();
     assert!(failures.is_empty(), "{failures:#?}");
     let names: Vec<&str> = report.checks.iter().map(|c| c.name.as_str()).collect();
-    for expected in ["flags consistent", "defaults valid", "out-of-range values rejected", "round trip 96x576 BF16 +bias"] {
+    for expected in
+        ["flags consistent", "defaults valid", "out-of-range values rejected", "round trip 96x576 BF16 +bias"]
+    {
         assert!(names.contains(&expected), "no `{expected}` in {names:?}");
     }
 
@@ -330,7 +333,8 @@ fn cli_exit_codes_are_0_ok_1_failure_2_usage() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("plan announced") && !Path::new(&bad_out).exists(), "{stderr}");
 
-    let (code, _, stderr) = run(&["quantize", model, "--method", "rtn", "--set", "bits=99", "--set", "colour=red", "-o", &bad_out]);
+    let (code, _, stderr) =
+        run(&["quantize", model, "--method", "rtn", "--set", "bits=99", "--set", "colour=red", "-o", &bad_out]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("`bits`") && stderr.contains("`colour`"), "every bad option is reported: {stderr}");
 

@@ -1,7 +1,6 @@
 //! Helpers shared by the plugin integration tests: building plugin libraries, writing registries
 //! and small checkpoints, running the `kvant` binary.
 
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -110,12 +109,22 @@ pub fn registry_for(dir: &Path, methods: &[(&str, Plugin)]) -> PathBuf {
 
 /// Loads a registry from a registry file only.
 pub fn load_registry(file: &Path) -> anyhow::Result<Registry> {
-    Registry::load(&Sources { registry_file: Some(file.to_path_buf()), plugins_dir: None, threads: 2, allow_insecure: false })
+    Registry::load(&Sources {
+        registry_file: Some(file.to_path_buf()),
+        plugins_dir: None,
+        threads: 2,
+        allow_insecure: false,
+    })
 }
 
 /// Loads a registry from a drop-in folder only.
 pub fn load_folder(dir: &Path) -> anyhow::Result<Registry> {
-    Registry::load(&Sources { registry_file: None, plugins_dir: Some(dir.to_path_buf()), threads: 2, allow_insecure: false })
+    Registry::load(&Sources {
+        registry_file: None,
+        plugins_dir: Some(dir.to_path_buf()),
+        threads: 2,
+        allow_insecure: false,
+    })
 }
 
 /// Copies `plugin`'s library into `dir` as `file_name`, the way a user drops one in.
@@ -166,7 +175,12 @@ pub fn write_llama(dir: &Path, dtype: DType, seed: u64) -> Vec<Tensor> {
 
 /// Runs the `kvant` binary with `args`.
 pub fn kvant(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kvant")).args(args).env_remove("KVANT_REGISTRY").env_remove("KVANT_PLUGINS_DIR").output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_kvant"))
+        .args(args)
+        .env_remove("KVANT_REGISTRY")
+        .env_remove("KVANT_PLUGINS_DIR")
+        .output()
+        .unwrap()
 }
 
 /// The text of an output stream.
