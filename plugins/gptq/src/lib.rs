@@ -78,40 +78,31 @@ fn tensor_specs(out: usize, inp: usize, config: &Config, bias: bool) -> Vec<Tens
     specs
 }
 
-/// The `quantization_config` for `config.json` as GPTQModel writes it (the same dictionary
-/// is the content of `quantize_config.json`). kvant-only options are also kept at the top
-/// level so that reading the checkpoint back restores every option.
+/// The `quantization_config` for `config.json` as GPTQModel writes it; the same dictionary is
+/// the content of `quantize_config.json`. Keys transformers' `GPTQConfig` knows stay at the
+/// top level; the rest go under `meta`, as GPTQModel does, kvant's own options included, so
+/// that [`QuantMethod::config_from_checkpoint`] restores every option.
 pub fn quantization_config(config: &Config) -> Map<String, Value> {
+    let v = |key: &str| config.values()[key].clone();
     let mut qc = Map::new();
     qc.insert("quant_method".into(), "gptq".into());
-    for key in [
-        "bits",
-        "group_size",
-        "desc_act",
-        "sym",
-        "damp_percent",
-        "damp_auto_increment",
-        "static_groups",
-        "true_sequential",
-        "mse",
-        "refit_scales",
-        "hessian_dtype",
-    ] {
-        qc.insert(key.into(), config.values()[key].clone());
+    for key in ["bits", "group_size", "desc_act", "sym", "damp_percent", "static_groups", "true_sequential"] {
+        qc.insert(key.into(), v(key));
     }
     qc.insert("lm_head".into(), false.into());
-    qc.insert("checkpoint_format".into(), config.str("checkpoint_format").into());
+    qc.insert("checkpoint_format".into(), v("checkpoint_format"));
     qc.insert("pack_dtype".into(), "int32".into());
     qc.insert(
         "meta".into(),
         json!({
             "quantizer": [format!("kvant-gptq:{}", env!("CARGO_PKG_VERSION"))],
-            "uri": "https://github.com/kvant",
-            "damp_percent": config.values()["damp_percent"],
-            "damp_auto_increment": config.values()["damp_auto_increment"],
-            "static_groups": config.values()["static_groups"],
-            "true_sequential": config.values()["true_sequential"],
-            "mse": config.values()["mse"],
+            "damp_percent": v("damp_percent"),
+            "damp_auto_increment": v("damp_auto_increment"),
+            "static_groups": v("static_groups"),
+            "true_sequential": v("true_sequential"),
+            "mse": v("mse"),
+            "refit_scales": v("refit_scales"),
+            "hessian_dtype": v("hessian_dtype"),
         }),
     );
     qc
