@@ -66,6 +66,19 @@ struct QuantizedExtras {
     input_scale: Option<Vec<f32>>,
 }
 
+impl FfiQuantized {
+    fn new(q: Quantized) -> Self {
+        let extras = QuantizedExtras { loss: q.loss, input_scale: q.input_scale };
+        FfiQuantized { tensors: q.tensors.into_iter().map(FfiTensor::new).collect(), extras: to_json(&extras) }
+    }
+
+    fn into_quantized(self, method: &str) -> Result<Quantized, Error> {
+        let extras: QuantizedExtras = parse_reply(method, "quantize result", self.extras)?;
+        let tensors = self.tensors.into_iter().map(FfiTensor::into_tensor).collect::<Result<_, _>>()?;
+        Ok(Quantized { tensors, loss: extras.loss, input_scale: extras.input_scale })
+    }
+}
+
 fn dtype_from_code(code: u8) -> Result<DType, Error> {
     DType::ALL
         .get(code as usize)
@@ -188,6 +201,18 @@ pub trait FfiMethod: Send + Sync {
         x: RSlice<'_, f32>,
         rows: u64,
     ) -> RResult<RVec<f32>, RString>;
+    /// [`QuantMethod::quantize_group`] (contract 1.1): `modules` is a JSON list of
+    /// [`ModulePlan`]s; member `i` owns the next `counts[i]` entries of `tensors` and observer
+    /// `observers[i]` (members may share a handle). Past the last prefix field, so 1.0 plugins
+    /// still load; the host only calls it for plans with `fold_input_scales`, which they never set.
+    fn quantize_group(
+        &self,
+        modules: RStr<'_>,
+        config: RStr<'_>,
+        tensors: RSlice<'_, FfiTensorRef<'_>>,
+        counts: RSlice<'_, u64>,
+        observers: RSlice<'_, ROption<u64>>,
+    ) -> RResult<RVec<FfiQuantized>, RString>;
 }
 
 /// A boxed method on the wire.
@@ -401,11 +426,54 @@ impl<M: QuantMethod> FfiMethod for Adapter<M> {
             let observer = observer.into_option().map(|h| self.observer(h)).transpose()?;
             let guard = observer.as_ref().map(|o| o.lock().unwrap());
             let q = self.method.quantize(&weights, guard.as_deref(), &config)?;
-            let extras = QuantizedExtras { loss: q.loss, input_scale: q.input_scale };
-            Ok(FfiQuantized {
-                tensors: q.tensors.into_iter().map(FfiTensor::new).collect(),
-                extras: to_json(&extras),
-            })
+            Ok(FfiQuantized::new(q))
+        })
+    }
+
+    fn quantize_group(
+        &self,
+        modules: RStr<'_>,
+        config: RStr<'_>,
+        tensors: RSlice<'_, FfiTensorRef<'_>>,
+        counts: RSlice<'_, u64>,
+        observers: RSlice<'_, ROption<u64>>,
+    ) -> RResult<RVec<FfiQuantized>, RString> {
+        self.guard("quantize_group", || {
+            let plans: Vec<ModulePlan> = from_json("module plans", modules)?;
+            let config = self.config(config)?;
+            let views = views(tensors)?;
+            let total: u64 = counts.iter().sum();
+            if counts.len() != plans.len() || observers.len() != plans.len() || total as usize != views.len() {
+                return Err(Error::new(format!(
+                    "malformed group from the host: {} plans, {} tensor counts, {} observers, {} tensors",
+                    plans.len(),
+                    counts.len(),
+                    observers.len(),
+                    views.len()
+                )));
+            }
+            let mut members = Vec::with_capacity(plans.len());
+            let mut at = 0;
+            for (plan, &n) in plans.iter().zip(counts.iter()) {
+                members.push(ModuleTensors { plan, tensors: &views[at..at + n as usize] });
+                at += n as usize;
+            }
+            // Members sharing an input share a handle: lock each observer once.
+            let ids: Vec<Option<u64>> = observers.iter().map(|o| o.clone().into_option()).collect();
+            let mut handles: Vec<u64> = ids.iter().flatten().copied().collect();
+            handles.sort_unstable();
+            handles.dedup();
+            let shared = handles.iter().map(|&h| self.observer(h)).collect::<Result<Vec<_>, _>>()?;
+            let guards: Vec<_> = shared.iter().map(|o| o.lock().unwrap()).collect();
+            let refs: Vec<Option<&M::Observer>> = ids
+                .iter()
+                .map(|id| id.map(|h| &*guards[handles.binary_search(&h).expect("collected above")]))
+                .collect();
+            let qs = self.method.quantize_group(&members, &refs, &config)?;
+            if qs.len() != plans.len() {
+                return Err(Error::new(format!("quantize_group returned {} results for {} modules", qs.len(), plans.len())));
+            }
+            Ok(qs.into_iter().map(FfiQuantized::new).collect())
         })
     }
 
@@ -570,9 +638,33 @@ impl MethodClient {
             .quantize(m.as_str().into(), config.as_str().into(), wire.as_slice().into(), handle)
             .into_result()
             .map_err(wire_err)?;
-        let extras: QuantizedExtras = parse_reply(self.name(), "quantize result", q.extras)?;
-        let tensors = q.tensors.into_iter().map(FfiTensor::into_tensor).collect::<Result<_, _>>()?;
-        Ok(Quantized { tensors, loss: extras.loss, input_scale: extras.input_scale })
+        q.into_quantized(self.name())
+    }
+
+    /// [`QuantMethod::quantize_group`]: `members[i]` with its `tensors[i]` and `observers[i]`.
+    /// Only for plans with `fold_input_scales` (a plugin older than contract 1.1 lacks it).
+    pub fn quantize_group(
+        &self,
+        members: &[&ModulePlan],
+        tensors: &[Vec<TensorView<'_>>],
+        observers: &[Option<&ObserverHandle<'_>>],
+        config: &Config,
+    ) -> Result<Vec<Quantized>, Error> {
+        assert!(members.len() == tensors.len() && members.len() == observers.len(), "one entry per member");
+        let m = serde_json::to_string(members).expect("plans serialise");
+        let config = Self::config_json(config);
+        let wire: Vec<FfiTensorRef<'_>> = tensors.iter().flatten().map(FfiTensorRef::new).collect();
+        let counts: Vec<u64> = tensors.iter().map(|t| t.len() as u64).collect();
+        let handles: Vec<ROption<u64>> = observers.iter().map(|o| o.map(|o| o.handle).into()).collect();
+        let qs = self
+            .inner
+            .quantize_group(m.as_str().into(), config.as_str().into(), wire.as_slice().into(), counts.as_slice().into(), handles.as_slice().into())
+            .into_result()
+            .map_err(wire_err)?;
+        if qs.len() != members.len() {
+            return Err(Error::new(format!("method `{}` returned {} results for {} modules", self.name(), qs.len(), members.len())));
+        }
+        qs.into_iter().map(|q| q.into_quantized(self.name())).collect()
     }
 
     /// [`QuantMethod::process_model_after_weight_loading`].

@@ -34,7 +34,10 @@ pub use tensor::{DType, Tensor, TensorSpec, TensorView};
 
 /// Version of the contract this crate defines. A plugin is loadable by a host with the same
 /// major version; minor releases only append (see the compatibility policy in the README).
-pub const CONTRACT_VERSION: &str = "1.0.0";
+///
+/// 1.1: [`Plan::fold_input_scales`] and [`QuantMethod::quantize_group`] (the `quantize_group`
+/// entry appended to the method vtable).
+pub const CONTRACT_VERSION: &str = "1.1.0";
 
 /// An error a plugin reports to the host: a message meant for the user. Name the module,
 /// tensor or option at fault; the host adds the method and file.

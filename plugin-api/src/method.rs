@@ -8,7 +8,9 @@
 //! 4. [`QuantMethod::update_dtype`]: the dtype for tensors the method leaves dense.
 //! 5. [`QuantMethod::process_model_before_weight_loading`]: from the model skeleton to a [`Plan`].
 //! 6. Calibration methods only: [`QuantMethod::new_observer`], fed by the host.
-//! 7. [`QuantMethod::quantize`], once per planned module, as its weights stream in.
+//! 7. [`QuantMethod::quantize`], once per planned module, as its weights stream in; or, for
+//!    plans with [`Plan::fold_input_scales`], [`QuantMethod::quantize_group`] once per group of
+//!    Linears that share an input.
 //! 8. [`QuantMethod::process_model_after_weight_loading`]: the `quantization_config`.
 //!
 //! Reading back: [`QuantMethod::linear_shape`], [`QuantMethod::dequantize`], [`QuantMethod::forward`].
@@ -167,6 +169,22 @@ pub struct ModulePlan {
 pub struct Plan {
     /// Modules to convert, in any order.
     pub modules: Vec<ModulePlan>,
+    /// Set by methods that search input scales (AWQ); calibration methods only (contract 1.1).
+    ///
+    /// The host then observes each decoder block once, in full precision, and hands every group
+    /// of planned Linears that share an input to [`QuantMethod::quantize_group`]: (q, k, v)
+    /// behind `input_layernorm`, (gate, up) behind `post_attention_layernorm`, o behind
+    /// `v_proj`'s output rows, down behind `up_proj`'s output rows. Groups run in reverse
+    /// order (down, o, gate/up, q/k/v), so each group's producer is folded before it is itself
+    /// quantized, and nothing in the block is quantized before every scale of the block is
+    /// known. The host divides the producer's output by the returned
+    /// [`Quantized::input_scale`] (it owns the model graph); the method must have multiplied
+    /// the members' input columns by it. A group without a foldable producer (o behind a
+    /// grouped-query `v_proj`, whose rows are shared by several heads) goes through
+    /// [`QuantMethod::quantize`] instead, member by member, and must come back unscaled.
+    /// The next block sees the full-precision block's output, as AutoAWQ does.
+    #[serde(default)]
+    pub fold_input_scales: bool,
 }
 
 /// A module's tensors as handed to `quantize`, `dequantize` and `forward`.
@@ -205,7 +223,9 @@ pub struct Quantized {
     /// The method's own reconstruction loss (e.g. GPTQ's), shown in the progress log.
     pub loss: Option<f64>,
     /// Per-input-channel factors the host must fold into the op producing this module's input
-    /// (AWQ): the producer's output is multiplied by `1 / input_scale`.
+    /// (AWQ): the producer's output is multiplied by `1 / input_scale`. Only honoured from
+    /// [`QuantMethod::quantize_group`] under [`Plan::fold_input_scales`], where every member of
+    /// a group must return the same factors (the host errors otherwise).
     pub input_scale: Option<Vec<f32>>,
 }
 
@@ -308,6 +328,25 @@ pub trait QuantMethod: Send + Sync + 'static {
     /// Returns exactly the tensors in `weights.plan.tensors`.
     fn quantize(&self, weights: &ModuleTensors<'_>, observer: Option<&Self::Observer>, config: &Config)
         -> Result<Quantized>;
+
+    /// Quantizes a group of modules that read the same input (q/k/v, gate/up, or one Linear
+    /// behind a foldable producer), for plans with [`Plan::fold_input_scales`]. `members` are
+    /// in execution order; `observers[i]` is member `i`'s calibration state, and members that
+    /// share an input may be given the same observer. Returns one [`Quantized`] per member, in
+    /// order, each with the group's `input_scale` when the method scaled the inputs.
+    ///
+    /// The default calls [`quantize`](Self::quantize) for each member and returns no scale.
+    fn quantize_group(
+        &self,
+        members: &[ModuleTensors<'_>],
+        observers: &[Option<&Self::Observer>],
+        config: &Config,
+    ) -> Result<Vec<Quantized>> {
+        if members.len() != observers.len() {
+            return Err(Error::new(format!("{} group members but {} observers", members.len(), observers.len())));
+        }
+        members.iter().zip(observers).map(|(m, o)| self.quantize(m, *o, config)).collect()
+    }
 
     /// The `quantization_config` for `config.json`.
     fn process_model_after_weight_loading(&self, _summary: &Summary, config: &Config) -> Result<Map<String, Value>> {
