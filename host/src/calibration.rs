@@ -3,17 +3,24 @@
 //! inputs produced by the already-quantized blocks before it; inside a block, with
 //! `true_sequential`, the groups (q,k,v) -> o -> (gate,up) -> down are quantized in order and the
 //! block is re-run between groups so each group sees inputs made by the ones before it.
+//!
+//! Methods that search input scales (AWQ, [`Plan::fold_input_scales`]) run differently: each
+//! block is observed once in full precision, its groups are quantized in reverse order through
+//! `quantize_group`, and each returned input scale is folded into the op producing the group's
+//! input (a norm weight or a Linear's output rows) before that op is itself quantized. The
+//! folded dense tensors are handed back so the checkpoint stores them.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use kvant_plugin_api::ffi::{MethodClient, ObserverHandle};
-use kvant_plugin_api::{Config, ModulePlan, Plan, Quantized};
+use kvant_plugin_api::{Config, ModulePlan, Plan, Quantized, Tensor, TensorView};
 
 use crate::checkpoint::Checkpoint;
 use crate::lifecycle::{check_against_plan, module_views};
-use crate::model::{LlamaModel, BLOCK_LINEARS};
+use crate::model::{DenseLinear, LlamaModel, BLOCK_LINEARS};
 use crate::packed::PackedLinear;
 use crate::progress::Bar;
 
@@ -131,10 +138,16 @@ fn groups(true_sequential: bool) -> Vec<Vec<usize>> {
     }
 }
 
+/// Receives each quantized module with the dense weights its packed tensors stand for (for the
+/// error report), and writes it.
+pub type Emit<'a> = dyn FnMut(&ModulePlan, &Quantized, &[TensorView<'_>]) -> Result<()> + 'a;
+
 /// Quantizes the planned modules of `model` (loaded from `checkpoint`, whose original weights
 /// the method receives) block by block on calibration `tokens`
 /// (`n_samples` windows of `seq_len`), replacing each by its packed version as soon as it is
-/// done, and handing every result to `emit` (which writes it).
+/// done, and handing every result to `emit` (which writes it). Returns the dense tensors that
+/// input-scale folding changed (full names, F32), which the output must store instead of the
+/// checkpoint's.
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_calibrated(
     checkpoint: &Checkpoint,
@@ -143,23 +156,21 @@ pub fn quantize_calibrated(
     config: &Config,
     plan: &Plan,
     tokens: &[u32],
-    (n_samples, seq_len): (usize, usize),
+    windows: (usize, usize),
     true_sequential: bool,
     bar: &Bar,
-    emit: &mut dyn FnMut(&ModulePlan, &Quantized) -> Result<()>,
-) -> Result<()> {
+    emit: &mut Emit,
+) -> Result<Vec<(String, Tensor)>> {
+    if plan.fold_input_scales {
+        return quantize_folded(checkpoint, model, method, config, plan, tokens, windows, bar, emit);
+    }
+    let (n_samples, seq_len) = windows;
     let name = method.info().name.clone();
     let mut hidden = model.embed(tokens)?;
     let layers = model.config().num_layers;
     for block in 0..layers {
         for group in groups(true_sequential) {
-            let members: Vec<&ModulePlan> = group
-                .iter()
-                .filter_map(|&j| {
-                    let full = format!("model.layers.{block}.{}", BLOCK_LINEARS[j]);
-                    plan.modules.iter().find(|m| m.name == full)
-                })
-                .collect();
+            let members = planned_members(plan, block, &group);
             if members.is_empty() {
                 continue;
             }
@@ -184,31 +195,277 @@ pub fn quantize_calibrated(
             }
             for (m, observer) in members.iter().zip(&observers) {
                 bar.step(&m.name);
-                let q = quantize_one(method, config, m, checkpoint, observer)?;
-                let loss = q.loss.map_or(String::new(), |l| format!("  loss {l:.6}"));
-                bar.println(&format!("{:<44}{loss}", m.name));
-                emit(m, &q)?;
-                let packed = PackedLinear::new(method.clone(), (*m).clone(), q.tensors, config.clone());
-                model.replace_linear(&m.name, Box::new(packed))?;
+                let views = module_views(checkpoint, &m.name)?;
+                let q = quantize_one(method, config, m, &views, observer)?;
+                finish_module(method, config, model, bar, m, q, &views, emit)?;
             }
         }
         // The next block's input, computed through this block's quantized layers.
         model.forward_block(block, &mut hidden, n_samples, seq_len, None)?;
     }
+    Ok(Vec::new())
+}
+
+/// The planned modules among `group` (indices into [`BLOCK_LINEARS`]) of `block`.
+fn planned_members<'p>(plan: &'p Plan, block: usize, group: &[usize]) -> Vec<&'p ModulePlan> {
+    group
+        .iter()
+        .filter_map(|&j| {
+            let full = format!("model.layers.{block}.{}", BLOCK_LINEARS[j]);
+            plan.modules.iter().find(|m| m.name == full)
+        })
+        .collect()
+}
+
+/// Reports, writes and swaps in one quantized module; `reference` is the dense weight its
+/// packed tensors stand for.
+#[allow(clippy::too_many_arguments)]
+fn finish_module(
+    method: &Arc<MethodClient>,
+    config: &Config,
+    model: &mut LlamaModel,
+    bar: &Bar,
+    m: &ModulePlan,
+    q: Quantized,
+    reference: &[TensorView<'_>],
+    emit: &mut Emit,
+) -> Result<()> {
+    let loss = q.loss.map_or(String::new(), |l| format!("  loss {l:.6}"));
+    bar.println(&format!("{:<44}{loss}", m.name));
+    emit(m, &q, reference)?;
+    let packed = PackedLinear::new(method.clone(), m.clone(), q.tensors, config.clone());
+    model.replace_linear(&m.name, Box::new(packed))?;
     Ok(())
 }
 
-/// Quantizes one module from its checkpoint weights and its observer.
+/// What produces a group's input, where an input scale can be folded.
+enum Producer {
+    /// A block RMSNorm weight (full tensor name).
+    Norm(String),
+    /// The output rows of a block Linear (index into [`BLOCK_LINEARS`]).
+    Rows(usize),
+}
+
+/// The Llama block's input-sharing groups in execution order: members (indices into
+/// [`BLOCK_LINEARS`]) and producer.
+fn scaled_groups(block: usize) -> [(Vec<usize>, Producer); 4] {
+    let norm = |n: &str| Producer::Norm(format!("model.layers.{block}.{n}.weight"));
+    [
+        (vec![0, 1, 2], norm("input_layernorm")),
+        (vec![3], Producer::Rows(2)),
+        (vec![4, 5], norm("post_attention_layernorm")),
+        (vec![6], Producer::Rows(5)),
+    ]
+}
+
+/// Dense tensors changed by folding so far, by full name (F32).
+type Overrides = HashMap<String, Tensor>;
+
+/// A module's tensors (relative names): folded versions where there are some, else the checkpoint's.
+fn current_views<'a>(checkpoint: &'a Checkpoint, overrides: &'a Overrides, module: &str) -> Result<Vec<TensorView<'a>>> {
+    Ok(module_views(checkpoint, module)?
+        .into_iter()
+        .map(|v| overrides.get(&format!("{module}.{}", v.name)).map_or(v, Tensor::view))
+        .collect())
+}
+
+/// The current F32 values of a full tensor name.
+fn current_f32(checkpoint: &Checkpoint, overrides: &Overrides, full: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    match overrides.get(full) {
+        Some(t) => Ok((t.shape.clone(), t.view().to_f32())),
+        None => {
+            let v = checkpoint.view(full)?;
+            Ok((v.shape.to_vec(), v.to_f32()))
+        }
+    }
+}
+
+/// Divides the output of `module`'s rows by `s` (weight rows and bias), or, with `columns`,
+/// multiplies its weight columns by `s`; records the result in `overrides`.
+fn rescale_linear(checkpoint: &Checkpoint, overrides: &mut Overrides, module: &str, s: &[f32], columns: bool) -> Result<()> {
+    let full = format!("{module}.weight");
+    let (shape, mut w) = current_f32(checkpoint, overrides, &full)?;
+    let [out, inp] = shape[..] else { bail!("`{full}` is not a matrix") };
+    ensure!(s.len() == if columns { inp } else { out }, "input scale of {} values does not fit `{full}` {shape:?}", s.len());
+    for (o, row) in w.chunks_mut(inp).enumerate() {
+        for (i, v) in row.iter_mut().enumerate() {
+            *v = if columns { *v * s[i] } else { *v / s[o] };
+        }
+    }
+    overrides.insert(full, Tensor::f32("weight", shape, &w));
+    let bias = format!("{module}.bias");
+    if !columns && checkpoint.spec(&bias).is_some() {
+        let (shape, mut b) = current_f32(checkpoint, overrides, &bias)?;
+        b.iter_mut().zip(s).for_each(|(b, s)| *b /= s);
+        overrides.insert(bias, Tensor::f32("bias", shape, &b));
+    }
+    Ok(())
+}
+
+/// Puts the folded dense version of an unplanned block Linear into the model.
+fn refresh_dense(checkpoint: &Checkpoint, overrides: &Overrides, model: &mut LlamaModel, module: &str) -> Result<()> {
+    let (shape, w) = current_f32(checkpoint, overrides, &format!("{module}.weight"))?;
+    let bias_name = format!("{module}.bias");
+    let bias = match checkpoint.spec(&bias_name) {
+        Some(_) => Some(current_f32(checkpoint, overrides, &bias_name)?.1),
+        None => None,
+    };
+    model.replace_linear(module, Box::new(DenseLinear::new(w.into(), bias, shape[0], shape[1])?))?;
+    Ok(())
+}
+
+/// The AWQ order (see the module doc): one full-precision observation per block, groups in
+/// reverse, input scales folded into their producers before those are quantized.
+#[allow(clippy::too_many_arguments)]
+fn quantize_folded(
+    checkpoint: &Checkpoint,
+    model: &mut LlamaModel,
+    method: &Arc<MethodClient>,
+    config: &Config,
+    plan: &Plan,
+    tokens: &[u32],
+    (n_samples, seq_len): (usize, usize),
+    bar: &Bar,
+    emit: &mut Emit,
+) -> Result<Vec<(String, Tensor)>> {
+    let name = method.info().name.clone();
+    let mut overrides = Overrides::new();
+    let mut unscaled = Vec::new();
+    let mut hidden = model.embed(tokens)?;
+    for block in 0..model.config().num_layers {
+        let groups = scaled_groups(block);
+        let members: Vec<Vec<&ModulePlan>> = groups.iter().map(|(g, _)| planned_members(plan, block, g)).collect();
+        // Members of a group share one input, hence one observer.
+        let observers: Vec<Option<ObserverHandle<'_>>> = members
+            .iter()
+            .map(|m| {
+                m.first()
+                    .map(|first| method.new_observer(first, config).map_err(|e| anyhow!("method `{name}`: `{}`: {e}", first.name)))
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        let mut failure = None;
+        let mut observe = |linear: &str, x: &[f32], rows: usize| {
+            let k = members.iter().position(|m| m.first().is_some_and(|f| f.name == linear));
+            if let Some(observer) = k.and_then(|k| observers[k].as_ref()) {
+                if let Err(e) = observer.observe(x, rows) {
+                    failure.get_or_insert_with(|| anyhow!("method `{name}` observing `{linear}`: {e}"));
+                }
+            }
+        };
+        // Folding leaves the full-precision block unchanged, so this pass also gives the next
+        // block its input (AutoAWQ feeds the next block the full-precision output too).
+        model.forward_block(block, &mut hidden, n_samples, seq_len, Some(&mut observe))?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        for ((group, producer), (members, observer)) in groups.iter().zip(members.iter().zip(&observers)).rev() {
+            let Some(observer) = observer else { continue };
+            let prefix = format!("model.layers.{block}");
+            let full = |j: usize| format!("{prefix}.{}", BLOCK_LINEARS[j]);
+            // o_proj reads the heads' outputs; with grouped-query attention one v_proj row feeds
+            // several heads, so one scale per o input cannot be folded there (AutoAWQ skips it too).
+            let foldable = match producer {
+                Producer::Norm(_) => true,
+                Producer::Rows(p) => {
+                    checkpoint.spec(&format!("{}.weight", full(*p))).map(|s| s.shape[0]) == Some(members[0].shape.1)
+                }
+            };
+            let views: Vec<Vec<TensorView<'_>>> =
+                members.iter().map(|m| current_views(checkpoint, &overrides, &m.name)).collect::<Result<_>>()?;
+            for m in members.iter() {
+                bar.step(&m.name);
+            }
+            let results: Vec<Quantized> = if foldable {
+                let obs: Vec<Option<&ObserverHandle<'_>>> = members.iter().map(|_| Some(observer)).collect();
+                method
+                    .quantize_group(members, &views, &obs, config)
+                    .map_err(|e| anyhow!("method `{name}` failed on the group of `{}`: {e}", members[0].name))?
+            } else {
+                unscaled.push(members[0].name.clone());
+                members.iter().zip(&views).map(|(m, v)| quantize_one(method, config, m, v, observer)).collect::<Result<_>>()?
+            };
+            let scale = results[0].input_scale.clone();
+            for (m, q) in members.iter().zip(&results) {
+                check_against_plan(m, &q.tensors).with_context(|| format!("method `{name}` returned bad tensors"))?;
+                ensure!(
+                    q.input_scale == scale && (foldable || scale.is_none()),
+                    "method `{name}`: the members of the group of `{}` came back with different input scales, or scaled \
+                     where nothing can fold them",
+                    members[0].name
+                );
+            }
+            // The weights each packed module stands for: the given ones with their columns scaled.
+            let references: Vec<Tensor> = members
+                .iter()
+                .zip(&views)
+                .map(|(m, v)| {
+                    let w = v.iter().find(|t| t.name == "weight").ok_or_else(|| anyhow!("`{}` has no weight", m.name))?;
+                    let mut w = w.to_f32();
+                    if let Some(s) = &scale {
+                        w.chunks_mut(m.shape.1).for_each(|row| row.iter_mut().zip(s).for_each(|(v, s)| *v *= s));
+                    }
+                    Ok(Tensor::f32("weight", [m.shape.0, m.shape.1], &w))
+                })
+                .collect::<Result<_>>()?;
+            drop(views);
+            if let Some(s) = &scale {
+                ensure!(s.len() == members[0].shape.1 && s.iter().all(|v| v.is_finite() && *v > 0.0), "method `{name}` returned an unusable input scale for the group of `{}`", members[0].name);
+                match producer {
+                    Producer::Norm(norm) => {
+                        let (shape, mut w) = current_f32(checkpoint, &overrides, norm)?;
+                        w.iter_mut().zip(s).for_each(|(w, s)| *w /= s);
+                        model.set_norm(norm, w.clone())?;
+                        overrides.insert(norm.clone(), Tensor::f32("weight", shape, &w));
+                    }
+                    Producer::Rows(p) => {
+                        rescale_linear(checkpoint, &mut overrides, &full(*p), s, false)?;
+                        if !plan.modules.iter().any(|m| m.name == full(*p)) {
+                            refresh_dense(checkpoint, &overrides, model, &full(*p))?;
+                        }
+                    }
+                }
+                // Readers of the same input that stay dense take the scale in their columns.
+                for &j in group.iter().filter(|&&j| !members.iter().any(|m| m.name == full(j))) {
+                    rescale_linear(checkpoint, &mut overrides, &full(j), s, true)?;
+                    refresh_dense(checkpoint, &overrides, model, &full(j))?;
+                }
+            }
+            for ((m, q), reference) in members.iter().zip(results).zip(&references) {
+                let mut refs = vec![reference.view()];
+                refs.extend(module_views(checkpoint, &m.name)?.into_iter().filter(|v| v.name == "bias"));
+                finish_module(method, config, model, bar, m, q, &refs, emit)?;
+                // A planned module's folded weights are spent once it is quantized.
+                overrides.remove(&format!("{}.weight", m.name));
+                overrides.remove(&format!("{}.bias", m.name));
+            }
+        }
+    }
+    if !unscaled.is_empty() {
+        let msg = format!(
+            "{} group(s) quantized without input scaling: their producer cannot take a per-channel scale (o_proj \
+             behind a grouped-query v_proj); first: {}",
+            unscaled.len(),
+            unscaled[0]
+        );
+        log::warn!("{msg}");
+        bar.println(&msg);
+    }
+    let mut replaced: Vec<(String, Tensor)> = overrides.into_iter().collect();
+    replaced.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(replaced)
+}
+
+/// Quantizes one module from its weights and its observer.
 fn quantize_one(
     method: &MethodClient,
     config: &Config,
     plan: &ModulePlan,
-    checkpoint: &Checkpoint,
+    views: &[TensorView<'_>],
     observer: &ObserverHandle<'_>,
 ) -> Result<Quantized> {
-    let views = module_views(checkpoint, &plan.name)?;
     let q = method
-        .quantize(plan, &views, Some(observer), config)
+        .quantize(plan, views, Some(observer), config)
         .map_err(|e| anyhow!("method `{}` failed on module `{}`: {e}", method.info().name, plan.name))?;
     check_against_plan(plan, &q.tensors).with_context(|| format!("method `{}` returned bad tensors", method.info().name))?;
     Ok(q)

@@ -305,25 +305,15 @@ pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeRe
     };
     let writer = CheckpointWriter::create(&req.out, specs, options)?;
 
-    // 6. Weights. What stays dense is copied (or cast). Planned modules go through the method:
-    //    streamed one by one as they are read, or block by block after calibration.
-    for module in skeleton.modules.iter().filter(|m| !planned.contains_key(m.name.as_str())) {
-        for view in module_views(&checkpoint, &module.name)? {
-            let full = format!("{}.{}", module.name, view.name);
-            let full = if module.name.is_empty() { view.name.to_string() } else { full };
-            match convert_dense(&view, dtype) {
-                Some(bytes) => writer.write(&full, &bytes)?,
-                None => writer.write_view_in_pieces(&full, &view, |piece| checkpoint.release_bytes(piece))?,
-            }
-            checkpoint.release(&full);
-        }
-    }
+    // 6. Weights. Planned modules go through the method: streamed one by one as they are read,
+    //    or block by block after calibration. Then what stays dense is copied (or cast), after,
+    //    because calibration may fold input scales into some of it (AWQ).
     let mut reports = Vec::new();
     let mut quantized_weights = 0u64;
     let mut quantized_bytes = 0u64;
-    let mut record = |p: &ModulePlan, q: &Quantized| -> Result<()> {
-        let dense = module_views(&checkpoint, &p.name)?;
-        let error = reconstruction_error(method, p, &q.tensors, &dense, &config)?;
+    // `dense` is what the packed tensors stand for: the checkpoint's weights, or their folded form.
+    let mut record = |p: &ModulePlan, q: &Quantized, dense: &[TensorView<'_>]| -> Result<()> {
+        let error = reconstruction_error(method, p, &q.tensors, dense, &config)?;
         for t in &q.tensors {
             writer.write(&format!("{}.{}", p.name, t.name), &t.data)?;
             if t.name != "bias" {
@@ -331,7 +321,7 @@ pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeRe
             }
         }
         // Streaming: the module's input pages leave resident memory with it.
-        for v in &dense {
+        for v in dense {
             checkpoint.release(&format!("{}.{}", p.name, v.name));
         }
         quantized_weights += (p.shape.0 * p.shape.1) as u64;
@@ -339,6 +329,7 @@ pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeRe
         Ok(())
     };
     let bar = Bar::new(plan.modules.len() as u64, "quantize", req.progress);
+    let mut folded: HashMap<String, Tensor> = HashMap::new();
     if info.flags.requires_calibration {
         let spec = req.calibration.as_ref().expect("the calibration requirement was checked");
         let tokenizer = req.model.join("tokenizer.json");
@@ -364,7 +355,9 @@ pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeRe
         }
         let true_sequential = config.get("true_sequential").and_then(Value::as_bool).unwrap_or(true);
         let windows = (spec.n_samples, spec.seq_len);
-        quantize_calibrated(&checkpoint, &mut model, method, &config, &plan, &tokens, windows, true_sequential, &bar, &mut record)?;
+        folded = quantize_calibrated(&checkpoint, &mut model, method, &config, &plan, &tokens, windows, true_sequential, &bar, &mut record)?
+            .into_iter()
+            .collect();
     } else {
         for module in skeleton.modules.iter() {
             let Some(p) = planned.get(module.name.as_str()) else { continue };
@@ -374,10 +367,22 @@ pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeRe
                 .quantize(p, &views, None, &config)
                 .map_err(|e| anyhow!("method `{name}` failed on module `{}`: {e}", p.name))?;
             check_against_plan(p, &q.tensors).with_context(|| format!("method `{name}` returned bad tensors"))?;
-            record(p, &q)?;
+            record(p, &q, &views)?;
         }
     }
     drop(bar);
+    for module in skeleton.modules.iter().filter(|m| !planned.contains_key(m.name.as_str())) {
+        for view in module_views(&checkpoint, &module.name)? {
+            let full = format!("{}.{}", module.name, view.name);
+            let full = if module.name.is_empty() { view.name.to_string() } else { full };
+            match (folded.get(&full), convert_dense(&view, dtype)) {
+                (Some(t), _) => writer.write(&full, &from_f32(dtype.unwrap_or(view.dtype), &t.view().to_f32()))?,
+                (None, Some(bytes)) => writer.write(&full, &bytes)?,
+                (None, None) => writer.write_view_in_pieces(&full, &view, |piece| checkpoint.release_bytes(piece))?,
+            }
+            checkpoint.release(&full);
+        }
+    }
 
     // 7. quantization_config, then the atomic save.
     let summary = Summary {

@@ -138,6 +138,26 @@ impl LlamaModel {
         Ok(std::mem::replace(&mut self.blocks[b].linears[j], op))
     }
 
+    /// Replaces the weight of a block's RMSNorm, by full tensor name
+    /// (`model.layers.{i}.input_layernorm.weight` or `...post_attention_layernorm.weight`),
+    /// e.g. once AWQ input scales were folded into it.
+    pub fn set_norm(&mut self, name: &str, weight: Vec<f32>) -> Result<()> {
+        let (i, rel) = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(i, rel)| Some((i.parse::<usize>().ok()?, rel)))
+            .with_context(|| format!("`{name}` is not a block norm weight"))?;
+        let block = self.blocks.get_mut(i).with_context(|| format!("`{name}`: block {i} does not exist"))?;
+        let slot = match rel {
+            "input_layernorm.weight" => &mut block.input_norm,
+            "post_attention_layernorm.weight" => &mut block.post_attention_norm,
+            _ => bail!("`{name}` is not a block norm weight"),
+        };
+        ensure!(weight.len() == slot.len(), "`{name}` has {} values, the model needs {}", weight.len(), slot.len());
+        *slot = weight;
+        Ok(())
+    }
+
     fn find(&self, name: &str) -> Option<(usize, usize)> {
         let rest = name.strip_prefix("model.layers.")?;
         let (i, rel) = rest.split_once('.')?;
