@@ -50,16 +50,6 @@ impl DenseLinear {
         }
         Ok(DenseLinear { weight, bias, out_features, in_features })
     }
-
-    /// The row-major `[out_features, in_features]` weight.
-    pub fn weight(&self) -> &[f32] {
-        &self.weight
-    }
-
-    /// The bias, if the layer has one.
-    pub fn bias(&self) -> Option<&[f32]> {
-        self.bias.as_deref()
-    }
 }
 
 impl LinearOp for DenseLinear {
