@@ -181,15 +181,20 @@ pub fn invert_lower(l: &[f64], n: usize) -> Vec<f64> {
     x
 }
 
-/// The upper Cholesky factor `U` of `h^{-1}` (`h^{-1} = U^T U`), which GPTQ's column updates
-/// read, computed without forming the inverse: with `J` the reversal permutation and
-/// `J h J = M M^T`, `U = J M^{-1} J`. Fails with the failing column of `h` when `h` is not
-/// positive definite.
-pub fn inverse_cholesky_upper(h: &[f64], n: usize) -> Result<Vec<f64>, usize> {
-    let mut rev: Vec<f64> = (0..n * n).map(|idx| h[(n - 1 - idx / n) * n + (n - 1 - idx % n)]).collect();
+/// The upper Cholesky factor `U` of `(h + damp I)^{-1}` (`= U^T U`), which GPTQ's column
+/// updates read, computed without forming the inverse: with `J` the reversal permutation and
+/// `J (h + damp I) J = M M^T`, `U = J M^{-1} J`. Reversing both rows and columns of a
+/// row-major square matrix is reversing its storage. Fails with the failing column of `h`
+/// when `h + damp I` is not positive definite.
+pub fn inverse_cholesky_upper(h: &[f64], n: usize, damp: f64) -> Result<Vec<f64>, usize> {
+    let mut rev: Vec<f64> = h.iter().rev().copied().collect();
+    for i in 0..n {
+        rev[i * n + i] += damp;
+    }
     cholesky_lower(&mut rev, n).map_err(|j| n - 1 - j)?;
-    let minv = invert_lower(&rev, n);
-    Ok((0..n * n).map(|idx| minv[(n - 1 - idx / n) * n + (n - 1 - idx % n)]).collect())
+    let mut u = invert_lower(&rev, n);
+    u.reverse();
+    Ok(u)
 }
 
 #[cfg(test)]
@@ -231,7 +236,7 @@ mod tests {
     fn inverse_cholesky_upper_is_upper_and_inverts() {
         let n = 140;
         let a = spd(n, 5);
-        let u = inverse_cholesky_upper(&a, n).unwrap();
+        let u = inverse_cholesky_upper(&a, n, 0.0).unwrap();
         for i in 0..n {
             assert!(u[i * n + i] > 0.0);
             for j in 0..i {

@@ -454,11 +454,7 @@ fn damped_inverse_factor(name: &str, h: Vec<f64>, n: usize, p: &GptqParams) -> R
     let mean = (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
     let mut damp = p.damp_percent;
     loop {
-        let mut h2 = h.clone();
-        for i in 0..n {
-            h2[i * n + i] += damp * mean;
-        }
-        match inverse_cholesky_upper(&h2, n) {
+        match inverse_cholesky_upper(&h, n, damp * mean) {
             Ok(u) => return Ok((u, damp)),
             Err(col) => {
                 let next = damp + p.damp_auto_increment;
