@@ -7,6 +7,7 @@ pub mod lifecycle;
 pub mod progress;
 pub mod registry;
 pub mod requirements;
+pub mod resume;
 pub mod model;
 pub mod eval;
 pub mod calibration;

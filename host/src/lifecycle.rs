@@ -19,6 +19,7 @@ use crate::arch::{self, ModulePattern};
 use crate::calibration::{activation_bytes, calibration_tokens, quantize_calibrated, CalibrationSpec};
 use crate::checkpoint::{split_module_name, Checkpoint, CheckpointWriter, WriterOptions};
 use crate::progress::Bar;
+use crate::resume::{self, Journal};
 use crate::model::{LlamaConfig, LlamaModel};
 use crate::registry::{Method, Registry};
 use crate::requirements;
@@ -48,12 +49,14 @@ pub struct QuantizeRequest {
     pub progress: bool,
     /// Calibration data, for methods that need it.
     pub calibration: Option<CalibrationSpec>,
+    /// Continue the interrupted run of the same output when nothing it depends on changed.
+    pub resume: bool,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
 
 /// Reconstruction error of one converted module.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct ModuleReport {
     /// Module name.
     pub name: String,
@@ -303,6 +306,10 @@ pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeRe
         protected_paths: vec![req.model.clone()],
         ..Default::default()
     };
+    // Resume hook: the journal decides what an interrupted run already wrote (resume.rs).
+    let mut journal = Journal::open(&req.out, req.force, &fingerprint(registry, req, &config, &checkpoint)?, req.resume)?;
+    let options = WriterOptions { resumable: Some(journal.resumable()), fail_after_bytes: resume::injected_write_failure(), ..options };
+    let resumed: HashSet<String> = plan.modules.iter().filter(|m| journal.done(&m.name).is_some()).map(|m| m.name.clone()).collect();
     let writer = CheckpointWriter::create(&req.out, specs, options)?;
 
     // 6. Weights. Planned modules go through the method: streamed one by one as they are read,
@@ -313,6 +320,12 @@ pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeRe
     let mut quantized_bytes = 0u64;
     // `dense` is what the packed tensors stand for: the checkpoint's weights, or their folded form.
     let mut record = |p: &ModulePlan, q: &Quantized, dense: &[TensorView<'_>]| -> Result<()> {
+        if let Some(done) = journal.done(&p.name) {
+            reports.push(serde_json::from_value(done.report.clone()).context("journal entry without a report")?);
+            quantized_bytes += p.tensors.iter().filter(|t| t.name != "bias").map(|t| t.byte_len() as u64).sum::<u64>();
+            quantized_weights += (p.shape.0 * p.shape.1) as u64;
+            return Ok(());
+        }
         let error = reconstruction_error(method, p, &q.tensors, dense, &config)?;
         for t in &q.tensors {
             writer.write(&format!("{}.{}", p.name, t.name), &t.data)?;
@@ -326,7 +339,9 @@ pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeRe
         }
         quantized_weights += (p.shape.0 * p.shape.1) as u64;
         reports.push(ModuleReport { name: p.name.clone(), relative_error: error, loss: q.loss });
-        Ok(())
+        let tensors = q.tensors.iter().map(|t| format!("{}.{}", p.name, t.name)).collect();
+        let report = serde_json::to_value(reports.last())?;
+        journal.record(resume::Done { module: p.name.clone(), tensors, report }, || writer.sync_data())
     };
     let bar = Bar::new(plan.modules.len() as u64, "quantize", req.progress);
     let mut folded: HashMap<String, Tensor> = HashMap::new();
@@ -362,6 +377,10 @@ pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeRe
         for module in skeleton.modules.iter() {
             let Some(p) = planned.get(module.name.as_str()) else { continue };
             bar.step(&p.name);
+            if resumed.contains(&p.name) {
+                record(p, &Quantized::tensors(Vec::new()), &[])?;
+                continue;
+            }
             let views = module_views(&checkpoint, &p.name)?;
             let q = method
                 .quantize(p, &views, None, &config)
@@ -372,6 +391,10 @@ pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeRe
     }
     drop(bar);
     for module in skeleton.modules.iter().filter(|m| !planned.contains_key(m.name.as_str())) {
+        if journal.done(&module.name).is_some() {
+            continue;
+        }
+        let mut tensors = Vec::new();
         for view in module_views(&checkpoint, &module.name)? {
             let full = format!("{}.{}", module.name, view.name);
             let full = if module.name.is_empty() { view.name.to_string() } else { full };
@@ -381,7 +404,9 @@ pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeRe
                 (None, None) => writer.write_view_in_pieces(&full, &view, |piece| checkpoint.release_bytes(piece))?,
             }
             checkpoint.release(&full);
+            tensors.push(full);
         }
+        journal.record(resume::Done { module: module.name.clone(), tensors, report: Value::Null }, || writer.sync_data())?;
     }
 
     // 7. quantization_config, then the atomic save.
@@ -426,6 +451,28 @@ pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeRe
             .collect(),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// What the output of [`quantize`] depends on, for `--resume` (resume.rs).
+fn fingerprint(registry: &Registry, req: &QuantizeRequest, config: &Config, checkpoint: &Checkpoint) -> Result<resume::Fingerprint> {
+    let method = registry.get(req.method.as_deref().unwrap_or_default())?;
+    let info = method.client.info();
+    let library = method.origin.library();
+    Ok(resume::Fingerprint::default()
+        .with("kvant", env!("CARGO_PKG_VERSION"))
+        .with("method", serde_json::json!({"name": info.name, "version": info.version}))
+        .with("plugin library", serde_json::json!({"path": library, "sha256": resume::library_hash(library)?}))
+        .with("options", config.values())
+        .with("input files", resume::input_files(checkpoint)?)
+        .with(
+            "run settings",
+            serde_json::json!({
+                "dtype": req.dtype.map(|d| d.to_string()),
+                "skip": req.not_convert,
+                "max_shard_bytes": req.max_shard_bytes,
+                "calibration": req.calibration.as_ref().map(|c| format!("{c:?}")),
+            }),
+        ))
 }
 
 fn reconstruction_error(

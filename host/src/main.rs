@@ -157,6 +157,10 @@ struct QuantizeArgs {
     /// Print the summary as JSON
     #[arg(long)]
     json: bool,
+    /// Continue an interrupted run of the same OUT (same input, method, plugin, options),
+    /// skipping the modules it finished; anything changed starts over, saying what
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Args, Clone)]
@@ -443,6 +447,7 @@ fn quantize(g: &Global, args: QuantizeArgs) -> Result<()> {
             seq_len: args.calibration_seq_len,
             seed: args.seed,
         }),
+        resume: args.resume,
     };
     let report = lifecycle::quantize(&registry, &request).map_err(|e| {
         if e.to_string().starts_with("invalid options") || e.to_string().starts_with("no method named") {

@@ -6,7 +6,7 @@ mod reader;
 mod writer;
 
 pub use reader::{split_module_name, Checkpoint, ModuleTensors};
-pub use writer::{save_dense, CheckpointWriter, WriterOptions, DEFAULT_MAX_SHARD_BYTES};
+pub use writer::{save_dense, CheckpointWriter, Resumable, WriterOptions, DEFAULT_MAX_SHARD_BYTES};
 
 /// The model configuration file of a Hugging Face folder.
 pub const CONFIG_FILE: &str = "config.json";

@@ -35,6 +35,22 @@ pub struct WriterOptions {
     /// Fault injection for tests: writes fail, like on a full disk, once this many bytes of
     /// shard data, headers, index and config have been written.
     pub fail_after_bytes: Option<u64>,
+    /// Resume hook (`kvant quantize`, see `crate::resume`): a temporary folder that outlives
+    /// an interruption, instead of a per-process one removed on drop.
+    pub resumable: Option<Resumable>,
+}
+
+/// The temporary folder of a resumable output and what an earlier run left in it.
+#[derive(Clone, Debug, Default)]
+pub struct Resumable {
+    /// The folder, at a name a later run can find. Created if missing; kept when the writer is
+    /// dropped unfinished.
+    pub dir: PathBuf,
+    /// Tensors an earlier run wrote and synced there. When not empty, the shards are reopened
+    /// (and must have exactly the planned headers and sizes) instead of recreated.
+    pub written: HashSet<String>,
+    /// Files of `dir` that are not output (journal, lock): deleted before the folder is installed.
+    pub scratch: Vec<String>,
 }
 
 impl Default for WriterOptions {
@@ -44,6 +60,7 @@ impl Default for WriterOptions {
             force: false,
             protected_paths: Vec::new(),
             fail_after_bytes: None,
+            resumable: None,
         }
     }
 }
@@ -88,6 +105,9 @@ pub struct CheckpointWriter {
     by_name: HashMap<String, usize>,
     bytes_left: Option<AtomicU64>,
     installed: bool,
+    /// A resumable output's folder stays when the writer is dropped unfinished.
+    keep_temp: bool,
+    scratch: Vec<String>,
 }
 
 impl CheckpointWriter {
@@ -133,17 +153,27 @@ impl CheckpointWriter {
         };
         std::fs::create_dir_all(&parent)
             .with_context(|| format!("cannot create folder {}", parent.display()))?;
-        let temp_dir = parent.join(format!(
-            ".{out_name}.kvant-tmp-{}-{}",
-            std::process::id(),
-            NEXT_TEMP_ID.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir(&temp_dir).with_context(|| {
+        let temp_dir = match &options.resumable {
+            Some(r) => r.dir.clone(),
+            None => parent.join(format!(
+                ".{out_name}.kvant-tmp-{}-{}",
+                std::process::id(),
+                NEXT_TEMP_ID.fetch_add(1, Ordering::Relaxed)
+            )),
+        };
+        let created = if options.resumable.is_some() {
+            std::fs::create_dir_all(&temp_dir)
+        } else {
+            std::fs::create_dir(&temp_dir)
+        };
+        created.with_context(|| {
             format!(
                 "cannot create temporary folder {} (if a crashed run left it, delete it)",
                 temp_dir.display()
             )
         })?;
+        let resumable = options.resumable.unwrap_or_default();
+        let reopen = !resumable.written.is_empty();
 
         // From here on, an early return drops the writer, which removes the temporary folder.
         let mut writer = CheckpointWriter {
@@ -156,6 +186,8 @@ impl CheckpointWriter {
             by_name: HashMap::with_capacity(specs.len()),
             bytes_left: options.fail_after_bytes.map(AtomicU64::new),
             installed: false,
+            keep_temp: !resumable.dir.as_os_str().is_empty(),
+            scratch: resumable.scratch,
         };
         let groups = plan_shards(specs, options.max_shard_bytes);
         let shard_count = groups.len();
@@ -163,7 +195,11 @@ impl CheckpointWriter {
             // Widest elements first keeps every tensor aligned to its element size, so F32
             // views of a memory map need no copy.
             group.sort_by_key(|spec| std::cmp::Reverse(spec.dtype.size()));
-            writer.add_shard(shard, shard_count, group)?;
+            writer.add_shard(shard, shard_count, group, reopen)?;
+        }
+        for name in &resumable.written {
+            let slot = writer.slot(name)?;
+            slot.state.store(DONE, Ordering::Release);
         }
         Ok(writer)
     }
@@ -173,6 +209,7 @@ impl CheckpointWriter {
         shard: usize,
         shard_count: usize,
         specs: Vec<TensorSpec>,
+        reopen: bool,
     ) -> Result<()> {
         let file_name = if shard_count == 1 {
             SINGLE_FILE.to_string()
@@ -182,12 +219,17 @@ impl CheckpointWriter {
         let path = self.temp_dir.join(&file_name);
         let prefix = header::serialize(&specs);
         let data_len: u64 = specs.iter().map(|s| s.byte_len() as u64).sum();
-        let file =
-            File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
         let file_len = prefix.len() as u64 + data_len;
-        file.set_len(file_len)
-            .with_context(|| format!("cannot pre-size {} to {file_len} bytes", path.display()))?;
-        self.write_all_at(&file, &path, 0, &prefix)?;
+        let file = if reopen {
+            reopen_shard(&path, &prefix, file_len)?
+        } else {
+            let file =
+                File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+            file.set_len(file_len)
+                .with_context(|| format!("cannot pre-size {} to {file_len} bytes", path.display()))?;
+            self.write_all_at(&file, &path, 0, &prefix)?;
+            file
+        };
 
         let mut file_offset = prefix.len() as u64;
         for spec in specs {
@@ -206,6 +248,23 @@ impl CheckpointWriter {
             path,
             file,
         });
+        Ok(())
+    }
+
+    /// The temporary folder the output is written into.
+    pub fn temp_dir(&self) -> &Path {
+        &self.temp_dir
+    }
+
+    /// Flushes the data written so far to disk (every shard file), so that a journal may
+    /// record it as durable.
+    pub fn sync_data(&self) -> Result<()> {
+        for shard in &self.shards {
+            shard
+                .file
+                .sync_data()
+                .with_context(|| format!("cannot sync {} to disk", shard.path.display()))?;
+        }
         Ok(())
     }
 
@@ -349,6 +408,12 @@ impl CheckpointWriter {
         config_text.push('\n');
         self.write_new_file(CONFIG_FILE, config_text.as_bytes())?;
         self.copy_files(files_to_copy)?;
+        for name in &self.scratch {
+            let path = self.temp_dir.join(name);
+            std::fs::remove_file(&path)
+                .or_else(|e| if e.kind() == io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+        }
         sync_dir(&self.temp_dir)?;
 
         self.install()?;
@@ -528,7 +593,7 @@ impl std::fmt::Debug for CheckpointWriter {
 
 impl Drop for CheckpointWriter {
     fn drop(&mut self) {
-        if !self.installed {
+        if !self.installed && !self.keep_temp {
             if let Err(e) = std::fs::remove_dir_all(&self.temp_dir) {
                 if e.kind() != io::ErrorKind::NotFound {
                     log::warn!(
@@ -539,6 +604,27 @@ impl Drop for CheckpointWriter {
             }
         }
     }
+}
+
+/// Opens a shard an interrupted run created, checking it has exactly the planned header and size.
+fn reopen_shard(path: &Path, prefix: &[u8], file_len: u64) -> Result<File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot reopen {} to resume", path.display()))?;
+    let len = file.metadata().with_context(|| format!("cannot read {}", path.display()))?.len();
+    let mut head = vec![0; prefix.len()];
+    if len == file_len {
+        io::Read::read_exact(&mut &file, &mut head).with_context(|| format!("cannot read {}", path.display()))?;
+    }
+    if len != file_len || head != prefix {
+        bail!(
+            "{} does not have the planned layout ({len} bytes, expected {file_len}); cannot resume into it",
+            path.display()
+        );
+    }
+    Ok(file)
 }
 
 /// Groups specs into shards greedily in plan order, as transformers does: a tensor that would
