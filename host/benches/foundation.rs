@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use kvant::checkpoint::{Checkpoint, CheckpointWriter, WriterOptions};
 use kvant::registry::open_plugin;
+use kvant_plugin_api::dense::relative_error;
 use kvant_plugin_api::{DType, ModuleTensors, QuantMethod, TensorSpec, TensorView};
 use serde_json::{json, Map, Value};
 
@@ -94,6 +95,8 @@ fn weights(n: usize, seed: &mut u64, mean: f32) -> Vec<f32> {
 
 struct Run {
     seconds: f64,
+    /// User + system CPU time: on a loaded machine, wall time says more about the neighbours.
+    cpu: f64,
     peak_mib: f64,
 }
 
@@ -114,12 +117,15 @@ fn quantize_once(root: &Path, model: &Path, out: &Path) -> Run {
     let seconds = started.elapsed().as_secs_f64();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "kvant quantize failed:\n{stderr}");
-    let kb: f64 = stderr
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Maximum resident set size (kbytes):"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("/usr/bin/time -v reports the peak resident set");
-    Run { seconds, peak_mib: kb / 1024.0 }
+    let field = |name: &str| -> f64 {
+        stderr
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("/usr/bin/time -v reports no `{name}`"))
+    };
+    let cpu = field("User time (seconds):") + field("System time (seconds):");
+    Run { seconds, cpu, peak_mib: field("Maximum resident set size (kbytes):") / 1024.0 }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -143,9 +149,10 @@ fn main() {
     for i in 0..=rounds {
         let r = quantize_once(&root, &model, &out);
         println!(
-            "  kvant quantize run {i}: {:.3} s, {:.2} GB/s, peak RSS {:.0} MiB{}",
+            "  kvant quantize run {i}: {:.3} s, {:.2} GB/s, {:.2} s CPU, peak RSS {:.0} MiB{}",
             r.seconds,
             bytes as f64 / 1e9 / r.seconds,
+            r.cpu,
             r.peak_mib,
             if i == 0 { " (warm-up, not counted)" } else { "" }
         );
@@ -156,9 +163,15 @@ fn main() {
     std::fs::remove_dir_all(&out).ok();
     let secs = median(runs.iter().map(|r| r.seconds).collect());
     let peak = runs.iter().map(|r| r.peak_mib).fold(0f64, f64::max);
+    let cpu = median(runs.iter().map(|r| r.cpu).collect());
     println!("end to end: median {secs:.3} s = {:.2} GB/s of input weights; peak RSS (max) {peak:.0} MiB", bytes as f64 / 1e9 / secs);
+    println!(
+        "  median CPU {cpu:.2} s: {:.2} GB/s if the {threads} cores were all ours (check `uptime`: others share them)",
+        bytes as f64 / 1e9 / (cpu / threads as f64)
+    );
 
-    // Per-call overhead: the same modules through the rlib and through the loaded library.
+    // Per-call overhead: what the lifecycle does per module (quantize, then dequantize for the
+    // reconstruction error), through the rlib and through the loaded library.
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
     let lib = root.join("target/release/libkvant_rtn.so");
     let client = open_plugin(&lib, threads).unwrap_or_else(|e| panic!("{}: {e}", lib.display())).remove(0);
@@ -177,50 +190,61 @@ fn main() {
         .collect();
     let weights: usize = modules.iter().map(|(p, _)| p.shape.0 * p.shape.1).sum();
     let rtn = kvant_rtn::Rtn;
+    // Each side returns the seconds spent in quantize and in dequantize + error.
     let in_process = || {
-        let t = Instant::now();
+        let mut t = [0.0; 2];
         for (p, views) in &modules {
+            let started = Instant::now();
             let q = rtn.quantize(&ModuleTensors { plan: p, tensors: views }, None, &config).unwrap();
+            t[0] += started.elapsed().as_secs_f64();
+            let started = Instant::now();
             let qv: Vec<TensorView<'_>> = q.tensors.iter().map(|t| t.view()).collect();
             let back = rtn.dequantize(&ModuleTensors { plan: p, tensors: &qv }, &config).unwrap();
-            std::hint::black_box(back);
+            std::hint::black_box(relative_error(&back, &views[0].as_f32()));
+            t[1] += started.elapsed().as_secs_f64();
         }
-        t.elapsed().as_secs_f64()
+        t
     };
     let through_plugin = || {
-        let t = Instant::now();
+        let mut t = [0.0; 2];
         for (p, views) in &modules {
+            let started = Instant::now();
             let q = client.quantize(p, views, None, &config).unwrap();
+            t[0] += started.elapsed().as_secs_f64();
+            let started = Instant::now();
             let qv: Vec<TensorView<'_>> = q.tensors.iter().map(|t| t.view()).collect();
-            let back = client.dequantize(p, &qv, &config).unwrap();
-            std::hint::black_box(back);
+            let error = client.dequantize_with(p, &qv, &config, |back| relative_error(back, &views[0].as_f32()));
+            std::hint::black_box(error.unwrap());
+            t[1] += started.elapsed().as_secs_f64();
         }
-        t.elapsed().as_secs_f64()
+        t
     };
     in_process();
     through_plugin();
     // Alternate, so that both sides see the same machine load; compare each pair.
     let pairs = 2 * rounds + 1;
-    let (mut a, mut b, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut a, mut b) = (Vec::new(), Vec::new());
     for _ in 0..pairs {
-        let x = in_process();
-        let y = through_plugin();
-        a.push(x);
-        b.push(y);
-        ratios.push(y / x);
+        a.push(in_process());
+        b.push(through_plugin());
     }
-    let (ta, tb) = (median(a.clone()), median(b.clone()));
-    let best = b.iter().cloned().fold(f64::INFINITY, f64::min) / a.iter().cloned().fold(f64::INFINITY, f64::min);
     println!(
-        "quantize + dequantize of {} modules ({:.1} M weights), {pairs} alternating pairs:",
+        "quantize, then dequantize + error (as the lifecycle does), of {} modules ({:.1} M weights), {pairs} alternating pairs:",
         modules.len(),
         weights as f64 / 1e6
     );
-    println!("  in-process (rlib):        median {ta:.3} s");
-    println!("  through the plugin (.so): median {tb:.3} s");
-    println!(
-        "host overhead per call: median of pair ratios {:+.2}%, best-vs-best {:+.2}%",
-        (median(ratios) - 1.0) * 100.0,
-        (best - 1.0) * 100.0
-    );
+    let phases: [(&str, fn(&[f64; 2]) -> f64); 3] =
+        [("quantize", |t| t[0]), ("dequantize + error", |t| t[1]), ("both", |t| t[0] + t[1])];
+    for (name, phase) in phases {
+        let (x, y): (Vec<f64>, Vec<f64>) = (a.iter().map(phase).collect(), b.iter().map(phase).collect());
+        let ratios = x.iter().zip(&y).map(|(x, y)| y / x).collect();
+        let best = y.iter().cloned().fold(f64::INFINITY, f64::min) / x.iter().cloned().fold(f64::INFINITY, f64::min);
+        println!(
+            "  {name:<19} in-process {:.3} s, plugin {:.3} s (medians); host overhead: median of pair ratios {:+.2}%, best vs best {:+.2}%",
+            median(x),
+            median(y),
+            (median(ratios) - 1.0) * 100.0,
+            (best - 1.0) * 100.0
+        );
+    }
 }
