@@ -75,13 +75,7 @@ fn dynamic_lut() -> &'static [u8] {
 /// compiled kernel does; rounding it separately would move some values to the neighbouring slot.
 #[inline]
 fn slot(v: f32) -> usize {
-    let c = if v < -1.0 {
-        -1.0
-    } else if v > 1.0 {
-        1.0
-    } else {
-        v
-    };
+    let c = v.clamp(-1.0, 1.0);
     // Truncation to a signed integer, then to 16 bits (NaN lands on slot 0, as in the kernel).
     (((c + 1.0) * 0.5).mul_add(65535.0, 0.5) as i32 as u16) as usize
 }
@@ -217,9 +211,10 @@ fn multi_row_sum<A: Acc, const R: usize>(load: impl Fn(usize, usize) -> A, size:
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..R {
-                acc[j][k] = acc[j][k].add(acc[j - 1][k]);
-                acc[j - 1][k] = A::zero();
+            let (lower, upper) = acc.split_at_mut(j);
+            for (hi, lo) in upper[0].iter_mut().zip(lower[j - 1].iter_mut()) {
+                *hi = hi.add(*lo);
+                *lo = A::zero();
             }
             if i & (level_mask << (j * level_power)) != 0 {
                 break;
@@ -231,12 +226,13 @@ fn multi_row_sum<A: Acc, const R: usize>(load: impl Fn(usize, usize) -> A, size:
             *a = a.add(load(i, k));
         }
     }
-    for j in 1..LEVELS {
-        for k in 0..R {
-            acc[0][k] = acc[0][k].add(acc[j][k]);
+    let (first, rest) = acc.split_at_mut(1);
+    for level in rest.iter() {
+        for (a, b) in first[0].iter_mut().zip(level) {
+            *a = a.add(*b);
         }
     }
-    acc[0]
+    first[0]
 }
 
 /// Double-quantizes `absmax` with `offset = mean(absmax)`.

@@ -104,7 +104,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// One output of a batch-1 product: a row of whole blocks against `x`.
 fn row_dot(bytes: &[u8], scales: &[f32], codes: &[f32; 16], bs: usize, dtype: DType, x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if bs % 32 == 0 {
+    if bs.is_multiple_of(32) {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: AVX-512F is present, checked just above.
             return unsafe { avx512::row_dot(bytes, scales, codes, bs, dtype, x) };

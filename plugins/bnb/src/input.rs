@@ -16,7 +16,7 @@ impl<'a> Floats<'a> {
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(Error::new(format!("bitsandbytes quantizes F32, F16 or BF16 weights, not {dtype}")));
         }
-        if bytes.len() % dtype.size() != 0 {
+        if !bytes.len().is_multiple_of(dtype.size()) {
             return Err(Error::new(format!("{} bytes is not a whole number of {dtype} elements", bytes.len())));
         }
         Ok(Floats { dtype, bytes })

@@ -11,8 +11,9 @@ use crate::input::Floats;
 /// `weight_format` byte bitsandbytes stores next to an int8 weight: 0 is plain row-major.
 pub const WEIGHT_FORMAT_ROW: u8 = 0;
 
-/// `1/127` as bitsandbytes multiplies by it when dequantizing (an F32 constant, not a division).
-const INV_127: f32 = 7.874_015_718_698_502e-3;
+/// `1/127` as bitsandbytes multiplies by it when dequantizing (its 7.874015718698502e-3 as an F32
+/// constant, not a division).
+const INV_127: f32 = 7.874_016e-3;
 
 /// `1/127^2`, bitsandbytes' constant for undoing both int8 scales of a product.
 const INV_127_SQ: f32 = 6.200_124e-5;
@@ -76,7 +77,7 @@ fn round_to_f16(v: &mut [f32]) {
 /// F32 -> int8 as torch converts on x86: truncate to a 32-bit integer (NaN and overflow become
 /// i32::MIN), keep the low byte.
 fn to_i8(v: f32) -> i8 {
-    let i = if v.is_nan() || v >= 2_147_483_648.0 || v < -2_147_483_648.0 { i32::MIN } else { v as i32 };
+    let i = if v.is_nan() || !(-2_147_483_648.0..2_147_483_648.0).contains(&v) { i32::MIN } else { v as i32 };
     i as i8
 }
 

@@ -132,7 +132,7 @@ fn fixtures_cover_the_awkward_cases() {
         let n: usize = usizes(&case["shape"]).iter().product();
         let bs = case["blocksize"].as_u64().unwrap() as usize;
         odd |= n % 2 == 1;
-        partial |= n % bs != 0;
+        partial |= !n.is_multiple_of(bs);
         nested_blocks |= case["double_quant"] == true && n.div_ceil(bs) > NESTED_BLOCKSIZE;
         dtypes.insert(case["dtype"].as_str().unwrap().to_string());
     }
