@@ -8,6 +8,7 @@ pub mod progress;
 pub mod registry;
 pub mod requirements;
 pub mod resume;
+pub mod watchdog;
 pub mod model;
 pub mod eval;
 pub mod calibration;

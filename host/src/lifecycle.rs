@@ -20,6 +20,7 @@ use crate::calibration::{activation_bytes, calibration_tokens, quantize_calibrat
 use crate::checkpoint::{split_module_name, Checkpoint, CheckpointWriter, WriterOptions};
 use crate::progress::Bar;
 use crate::resume::{self, Journal};
+use crate::watchdog;
 use crate::model::{LlamaConfig, LlamaModel};
 use crate::registry::{Method, Registry};
 use crate::requirements;
@@ -51,6 +52,8 @@ pub struct QuantizeRequest {
     pub calibration: Option<CalibrationSpec>,
     /// Continue the interrupted run of the same output when nothing it depends on changed.
     pub resume: bool,
+    /// Stop the run when one `quantize` call takes longer (streaming methods; see watchdog.rs).
+    pub module_timeout: Option<std::time::Duration>,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -382,9 +385,7 @@ pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeRe
                 continue;
             }
             let views = module_views(&checkpoint, &p.name)?;
-            let q = method
-                .quantize(p, &views, None, &config)
-                .map_err(|e| anyhow!("method `{name}` failed on module `{}`: {e}", p.name))?;
+            let q = watchdog::quantize(method, p, &views, &config, req.module_timeout)?;
             check_against_plan(p, &q.tensors).with_context(|| format!("method `{name}` returned bad tensors"))?;
             record(p, &q, &views)?;
         }

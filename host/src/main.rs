@@ -161,6 +161,10 @@ struct QuantizeArgs {
     /// skipping the modules it finished; anything changed starts over, saying what
     #[arg(long)]
     resume: bool,
+    /// Stop with an error when the method spends longer than this on one module (a plugin call
+    /// cannot be cancelled safely, so the run ends; --resume continues it)
+    #[arg(long, value_name = "SECONDS")]
+    module_timeout: Option<f64>,
 }
 
 #[derive(Args, Clone)]
@@ -448,6 +452,10 @@ fn quantize(g: &Global, args: QuantizeArgs) -> Result<()> {
             seed: args.seed,
         }),
         resume: args.resume,
+        module_timeout: args
+            .module_timeout
+            .map(|s| std::time::Duration::try_from_secs_f64(s).map_err(|_| usage(format!("--module-timeout {s}: not a duration"))))
+            .transpose()?,
     };
     let report = lifecycle::quantize(&registry, &request).map_err(|e| {
         if e.to_string().starts_with("invalid options") || e.to_string().starts_with("no method named") {

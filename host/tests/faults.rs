@@ -190,3 +190,33 @@ fn a_failing_write_leaves_the_input_untouched_and_no_output() {
     assert_eq!(files(&out), files(&reference));
     assert_eq!(hashes(&s.model), before);
 }
+
+#[test]
+fn a_module_past_its_timeout_stops_the_run_naming_module_and_method() {
+    let tmp = TempDir::new().unwrap();
+    let model = tmp.path().join("model");
+    write_llama(&model, DType::F32, 3);
+    let registry = registry_for(tmp.path(), &[("slow", Plugin::Slow)]);
+    let out = tmp.path().join("out");
+    let started = Instant::now();
+    let run = Command::new(env!("CARGO_BIN_EXE_kvant"))
+        .arg("--registry")
+        .arg(&registry)
+        .arg("quantize")
+        .arg(&model)
+        .args(["--method", "slow", "--module-timeout", "1", "-o"])
+        .arg(&out)
+        .env_remove("KVANT_REGISTRY")
+        .env_remove("KVANT_PLUGINS_DIR")
+        .output()
+        .unwrap();
+    let stderr = text(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    // The fixture sleeps ten minutes in the call; the host gives up after one second.
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert!(
+        stderr.contains("method `slow` did not finish module `model.layers.0.mlp.down_proj` within 1 s"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+}

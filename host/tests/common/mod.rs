@@ -25,10 +25,12 @@ pub enum Plugin {
     OldContract,
     /// A second library declaring a method named `rtn`.
     DupRtn,
+    /// `slow`: quantize hangs on `down_proj` modules.
+    Slow,
 }
 
 impl Plugin {
-    const ALL: [Plugin; 5] = [Plugin::Rtn, Plugin::Panicky, Plugin::BadOutput, Plugin::OldContract, Plugin::DupRtn];
+    const ALL: [Plugin; 6] = [Plugin::Rtn, Plugin::Panicky, Plugin::BadOutput, Plugin::OldContract, Plugin::DupRtn, Plugin::Slow];
 
     /// The library's crate name, as in its file name.
     fn lib_name(self) -> &'static str {
@@ -38,6 +40,7 @@ impl Plugin {
             Plugin::BadOutput => "fixture_bad_output",
             Plugin::OldContract => "fixture_old_contract",
             Plugin::DupRtn => "fixture_dup_rtn",
+            Plugin::Slow => "fixture_slow",
         }
     }
 
@@ -49,6 +52,7 @@ impl Plugin {
             Plugin::BadOutput => vec!["--manifest-path", "tests/fixtures/plugins/bad-output/Cargo.toml"],
             Plugin::OldContract => vec!["--manifest-path", "tests/fixtures/plugins/old-contract/Cargo.toml"],
             Plugin::DupRtn => vec!["--manifest-path", "tests/fixtures/plugins/dup-rtn/Cargo.toml"],
+            Plugin::Slow => vec!["--manifest-path", "tests/fixtures/plugins/slow/Cargo.toml"],
         }
     }
 
