@@ -166,14 +166,28 @@ impl QuantMethod for Hqq {
         // own tensors say how it is stored, so defaults do then.
         let params = qc.get("quant_config").and_then(|c| c.get("weight_quant_params")).and_then(Value::as_object);
         let keys = ["nbits", "group_size", "axis", "round_zero", "optimize"];
-        Ok(params
+        let mut options: Map<String, Value> = params
             .map(|p| p.iter().filter(|(k, v)| keys.contains(&k.as_str()) && !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default())
+            .unwrap_or_default();
+        // hqq always writes round_zero; when it is hqq's own rule for nbits, it reads back as unset.
+        let nbits = options.get("nbits").and_then(Value::as_i64).unwrap_or(4);
+        if options.get("round_zero").and_then(Value::as_bool) == Some(nbits == 4) {
+            options.remove("round_zero");
+        }
+        Ok(options)
     }
 
     fn plan_linear(&self, module: &Module, config: &Config) -> Result<Option<ModulePlan>> {
         let (out, inp) = module.linear_shape().expect("host passes Linear modules only");
-        let l = layout(out, inp, config).map_err(|e| Error::new(format!("module `{}`: {e}", module.name)))?;
+        let l = match layout(out, inp, config) {
+            Ok(l) => l,
+            Err(e) => {
+                // hqq's format cannot hold it (size not a multiple of the group, or rows that do
+                // not pack): keep this Linear dense rather than fail the whole model.
+                log::warn!("`{}` stays dense: {e}", module.name);
+                return Ok(None);
+            }
+        };
         let dtype = compute_dtype(module.weight_dtype(), config);
         let mut tensors = vec![
             l.w_q_spec(),

@@ -159,7 +159,8 @@ fn quantization_config_is_transformers_hqqconfig() {
     });
     assert_eq!(Value::Object(qc.clone()), want);
     let back = Hqq.config_from_checkpoint(&qc).unwrap();
-    assert_eq!(Value::Object(back), json!({"axis": 1, "group_size": 64, "nbits": 3, "optimize": true, "round_zero": false}));
+    // round_zero matching hqq's rule for the bit width reads back as unset.
+    assert_eq!(Value::Object(back), json!({"axis": 1, "group_size": 64, "nbits": 3, "optimize": true}));
 }
 
 /// kvant's `rtn` plugin, asymmetric: min and max taken with 0, F16 scale, integer zero point.
