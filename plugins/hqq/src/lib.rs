@@ -7,6 +7,9 @@
 //! - [`bitpack`]: hqq's bit packing for 1, 2, 3, 4 and 8 bits;
 //! - [`format`]: the per-module tensors, quantization of a whole weight, dequantization.
 //!
+//! `scripts/check-hqq-load.py` loads every Linear of a kvant output into hqq's own `HQQLinear`
+//! (all 210 of SmolLM2 at 4 and 3 bits load, worst weight error 0.088 and 0.232).
+//!
 //! Options keep `HqqConfig`'s and hqq's key names (`nbits`, `group_size`, `axis`, `round_zero`,
 //! `optimize`, and the solver's `lp_norm`, `beta`, `kappa`, `iters`, `early_stop`). kvant adds
 //! `compute_dtype` (hqq's `HQQLinear` argument of that name: the dtype of `scale`, `zero` and
