@@ -389,9 +389,9 @@ pub fn open_plugin(path: &Path, threads: usize) -> Result<Vec<MethodClient>, Str
 /// Opens one library and returns its methods, or why it cannot be used.
 fn open_library(path: &Path, host: HostCallbacksRef) -> Result<Vec<MethodClient>, String> {
     let header = lib_header_from_path(path).map_err(|e| match e {
-        LibraryError::OpenError { .. } => format!("cannot be opened as a shared library: {}", first_line(&e)),
+        LibraryError::OpenError { .. } => format!("cannot be opened as a shared library: {}", one_line(&e)),
         LibraryError::GetSymbolError { .. } => "is not a kvant plugin (it exports no plugin root module)".into(),
-        other => format!("is not a usable kvant plugin: {}", first_line(&other)),
+        other => format!("is not a usable kvant plugin: {}", one_line(&other)),
     })?;
     let theirs = header.version_strings().version.as_str();
     let major = |v: &str| v.split('.').next().unwrap_or("").to_string();
@@ -407,7 +407,7 @@ fn open_library(path: &Path, host: HostCallbacksRef) -> Result<Vec<MethodClient>
         format!(
             "says contract {theirs} but its types do not match this host's contract {CONTRACT_VERSION} \
              (built with a modified plugin-api?): {}",
-            first_line(&e)
+            one_line(&e)
         )
     })?;
     let methods = methods_of(module, host).map_err(|e| format!("failed to start: {e}"))?;
@@ -417,8 +417,11 @@ fn open_library(path: &Path, host: HostCallbacksRef) -> Result<Vec<MethodClient>
     Ok(methods)
 }
 
-fn first_line(e: &dyn std::fmt::Display) -> String {
-    e.to_string().lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    // abi_stable spreads one error over several lines (path on one, reason on the next).
+    let text = e.to_string();
+    let parts: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).take(3).collect();
+    parts.join(" ")
 }
 
 extern "C" fn plugin_log(level: u8, target: RStr<'_>, message: RStr<'_>) {
