@@ -54,6 +54,8 @@ pub struct QuantizeRequest {
     pub resume: bool,
     /// Stop the run when one `quantize` call takes longer (streaming methods; see watchdog.rs).
     pub module_timeout: Option<std::time::Duration>,
+    /// Keep a module dense when `quantize` fails on it, instead of stopping (see watchdog.rs).
+    pub skip_failed_modules: bool,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -248,6 +250,10 @@ fn convert_dense(view: &TensorView<'_>, dtype: Option<DType>) -> Option<Vec<u8>>
 
 /// Runs the whole lifecycle and writes the quantized checkpoint.
 pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeReport> {
+    watchdog::skipping_failed_modules(req, |req| quantize_once(registry, req))
+}
+
+fn quantize_once(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeReport> {
     let started = Instant::now();
     let checkpoint = Checkpoint::open(&req.model)?;
 
@@ -385,8 +391,9 @@ pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeRe
                 continue;
             }
             let views = module_views(&checkpoint, &p.name)?;
-            let q = watchdog::quantize(method, p, &views, &config, req.module_timeout)?;
-            check_against_plan(p, &q.tensors).with_context(|| format!("method `{name}` returned bad tensors"))?;
+            let q = watchdog::quantize(method, p, &views, &config, req.module_timeout)
+                .and_then(|q| check_against_plan(p, &q.tensors).map(|()| q).with_context(|| format!("method `{name}` returned bad tensors")))
+                .map_err(|e| watchdog::module_failure(&p.name, e))?;
             record(p, &q, &views)?;
         }
     }

@@ -165,6 +165,10 @@ struct QuantizeArgs {
     /// cannot be cancelled safely, so the run ends; --resume continues it)
     #[arg(long, value_name = "SECONDS")]
     module_timeout: Option<f64>,
+    /// Keep a module dense when the method fails on it (error, panic, NaN or tensors off its
+    /// plan) and list it in the report, instead of stopping; the run restarts without it
+    #[arg(long)]
+    skip_failed_modules: bool,
 }
 
 #[derive(Args, Clone)]
@@ -456,6 +460,7 @@ fn quantize(g: &Global, args: QuantizeArgs) -> Result<()> {
             .module_timeout
             .map(|s| std::time::Duration::try_from_secs_f64(s).map_err(|_| usage(format!("--module-timeout {s}: not a duration"))))
             .transpose()?,
+        skip_failed_modules: args.skip_failed_modules,
     };
     let report = lifecycle::quantize(&registry, &request).map_err(|e| {
         if e.to_string().starts_with("invalid options") || e.to_string().starts_with("no method named") {
@@ -522,7 +527,10 @@ fn print_report(r: &QuantizeReport) {
     );
     println!("  bits/weight:    {:.3} in converted modules, {:.3} over all parameters", r.bits_per_weight, r.bits_per_parameter);
     println!("  modules:        {} converted, {} Linear kept dense", r.modules.len(), r.not_converted.len());
-    for (name, why) in r.not_converted.iter().take(5) {
+    for (name, why) in r.not_converted.iter().filter(|(_, why)| why.starts_with("quantize failed")) {
+        println!("    dense: {name} ({why})");
+    }
+    for (name, why) in r.not_converted.iter().filter(|(_, why)| !why.starts_with("quantize failed")).take(5) {
         println!("    dense: {name} ({why})");
     }
     if let Some(w) = r.worst() {

@@ -235,6 +235,21 @@ impl Journal {
     }
 }
 
+impl Drop for Journal {
+    /// After a failed run (the writer installs the folder on success, so it is gone then):
+    /// the folder stays for `--resume` when it holds finished modules, and goes otherwise.
+    fn drop(&mut self) {
+        if !self.dir.exists() {
+            return;
+        }
+        if self.done.is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            log::warn!("the {} finished module(s) are kept in {}; --resume continues from them", self.done.len(), self.dir.display());
+        }
+    }
+}
+
 /// The fingerprint and finished modules of a journal; `None` when there is no journal.
 /// A torn last line (a kill mid-append) is ignored: its module is simply redone.
 fn read_journal(path: &Path) -> Result<Option<(Fingerprint, Vec<Done>)>> {

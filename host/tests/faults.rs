@@ -220,3 +220,53 @@ fn a_module_past_its_timeout_stops_the_run_naming_module_and_method() {
     );
     assert!(!out.exists());
 }
+
+/// Runs `method` of a faulty fixture plugin on a fresh model, with `extra` arguments.
+fn run_faulty(method: &str, plugin: Plugin, extra: &[&str]) -> (TempDir, PathBuf, Output) {
+    let tmp = TempDir::new().unwrap();
+    let model = tmp.path().join("model");
+    write_llama(&model, DType::F32, 4);
+    let registry = registry_for(tmp.path(), &[(method, plugin)]);
+    let out = tmp.path().join("out");
+    let run = Command::new(env!("CARGO_BIN_EXE_kvant"))
+        .arg("--registry")
+        .arg(&registry)
+        .arg("quantize")
+        .arg(&model)
+        .args(["--method", method, "--json", "-o"])
+        .arg(&out)
+        .args(extra)
+        .env_remove("KVANT_REGISTRY")
+        .env_remove("KVANT_PLUGINS_DIR")
+        .output()
+        .unwrap();
+    (tmp, model, run)
+}
+
+#[test]
+fn skip_failed_modules_keeps_them_dense_and_reports_why() {
+    let cases = [("bad-nan", Plugin::BadOutput, "NaN"), ("bad-shape", Plugin::BadOutput, "the plan announced"), ("panic-quantize", Plugin::Panicky, "panicked")];
+    for (method, plugin, fault) in cases {
+        let (tmp, model, stopped) = run_faulty(method, plugin, &[]);
+        assert_eq!(stopped.status.code(), Some(1), "{method}: {}", text(&stopped.stderr));
+        assert!(!tmp.path().join("out").exists());
+
+        let (tmp, _, kept) = run_faulty(method, plugin, &["--skip-failed-modules"]);
+        let stderr = text(&kept.stderr);
+        assert!(kept.status.success(), "{method}: {stderr}");
+        let report: serde_json::Value = serde_json::from_slice(&kept.stdout).unwrap();
+        let dense: Vec<(String, String)> =
+            serde_json::from_value(report["quantization"]["not_converted"].clone()).unwrap();
+        let failed: Vec<&(String, String)> = dense.iter().filter(|(_, why)| why.starts_with("quantize failed")).collect();
+        // The fixture fails on every Linear; each is listed, with the plugin's fault.
+        assert_eq!(failed.len(), common::LLAMA_LINEARS.len(), "{dense:?}");
+        assert!(failed.iter().all(|(_, why)| why.contains(fault)), "{failed:?}");
+        // Kept dense means the input's weights, bytes unchanged.
+        let input = kvant::checkpoint::Checkpoint::open(&model).unwrap();
+        let output = kvant::checkpoint::Checkpoint::open(tmp.path().join("out")).unwrap();
+        for (name, _, _) in common::LLAMA_LINEARS {
+            let name = format!("{name}.weight");
+            assert_eq!(input.view(&name).unwrap().data, output.view(&name).unwrap().data, "{name}");
+        }
+    }
+}
