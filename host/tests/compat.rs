@@ -4,8 +4,9 @@
 //! too: plugins.rs, fixture old-contract.)
 //!
 //! Not covered: an older minor. A plugin built against contract 1.0.0 (plugin-api before
-//! `quantize_group`) is currently refused by the 1.1.0 host, against the policy: abi_stable's
-//! layout check rejects the method vtable with one entry fewer ("too many fields").
+//! `quantize_group`) is refused by the 1.1.0 host, against the policy: abi_stable accepts a
+//! library whose prefix types have at least the loader's fields, never fewer, so the method
+//! vtable with one entry fewer fails its layout check ("too many fields").
 
 #[allow(dead_code)]
 mod common;
