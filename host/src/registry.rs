@@ -386,6 +386,32 @@ pub fn open_plugin(path: &Path, threads: usize) -> Result<Vec<MethodClient>, Str
     open_library(path, host_callbacks(threads))
 }
 
+/// The contract rule: same MAJOR, and a MINOR at least the host's. A plugin of an older minor
+/// lacks entries the host's method table has, which abi_stable's layout check refuses; saying so
+/// here gives the user the versions and the remedy instead of a layout dump.
+fn contract_compatible(theirs: &str, ours: &str) -> Result<(), String> {
+    let parse = |v: &str| -> Option<(u32, u32)> {
+        let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+        Some((parts.next()??, parts.next()??))
+    };
+    let (Some((their_major, their_minor)), Some((major, minor))) = (parse(theirs), parse(ours)) else {
+        return Err(format!("declares contract version `{theirs}`, which is not MAJOR.MINOR.PATCH"));
+    };
+    if their_major != major {
+        return Err(format!(
+            "was built against plugin contract {theirs}, but this host needs contract {major}.x; rebuild it \
+             against kvant-plugin-api {ours}"
+        ));
+    }
+    if their_minor < minor {
+        return Err(format!(
+            "was built against plugin contract {theirs}, older than this host's {ours}; rebuild it against \
+             kvant-plugin-api {major}.{minor} or newer (its source needs no change)"
+        ));
+    }
+    Ok(())
+}
+
 /// Opens one library and returns its methods, or why it cannot be used.
 fn open_library(path: &Path, host: HostCallbacksRef) -> Result<Vec<MethodClient>, String> {
     let header = lib_header_from_path(path).map_err(|e| match e {
@@ -394,15 +420,7 @@ fn open_library(path: &Path, host: HostCallbacksRef) -> Result<Vec<MethodClient>
         other => format!("is not a usable kvant plugin: {}", one_line(&other)),
     })?;
     let theirs = header.version_strings().version.as_str();
-    let major = |v: &str| v.split('.').next().unwrap_or("").to_string();
-    if major(theirs) != major(CONTRACT_VERSION) {
-        return Err(format!(
-            "was built against plugin contract {theirs}, but this host needs contract {}.x; rebuild it \
-             against kvant-plugin-api {}",
-            major(CONTRACT_VERSION),
-            CONTRACT_VERSION
-        ));
-    }
+    contract_compatible(theirs, CONTRACT_VERSION)?;
     let module = header.check_layout::<PluginModRef>().map_err(|e| {
         format!(
             "says contract {theirs} but its types do not match this host's contract {CONTRACT_VERSION} \
@@ -474,6 +492,17 @@ mod tests {
         }
         let abs = root.path().join("outside.so");
         assert!(check_inside(&base, &abs, &abs).is_ok(), "an absolute path is the user's explicit choice");
+    }
+
+    #[test]
+    fn contract_versions_need_same_major_and_no_older_minor() {
+        assert!(contract_compatible("1.1.0", "1.1.0").is_ok());
+        assert!(contract_compatible("1.4.2", "1.1.0").is_ok());
+        let older = contract_compatible("1.0.0", "1.1.0").unwrap_err();
+        assert!(older.contains("1.0.0") && older.contains("older than this host's 1.1.0") && older.contains("rebuild"), "{older}");
+        let other = contract_compatible("2.0.0", "1.1.0").unwrap_err();
+        assert!(other.contains("2.0.0") && other.contains("needs contract 1.x"), "{other}");
+        assert!(contract_compatible("one", "1.1.0").unwrap_err().contains("not MAJOR.MINOR.PATCH"));
     }
 
     #[cfg(unix)]
