@@ -25,8 +25,14 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Runs the installed `kvant` with only the drop-in folder: an empty registry of its own keeps the
+/// repository's registry.toml (which lists the template too) out of the way.
 fn kvant(plugins: &Path, args: &[&str]) -> std::process::Output {
+    let registry = plugins.parent().unwrap().join("registry.toml");
+    std::fs::write(&registry, "").unwrap();
     Command::new(env!("CARGO_BIN_EXE_kvant"))
+        .arg("--registry")
+        .arg(&registry)
         .arg("--plugins-dir")
         .arg(plugins)
         .args(args)
