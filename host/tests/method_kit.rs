@@ -8,22 +8,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{repo_root, text, write_llama};
+use common::{copy_dir, repo_root, text, write_llama};
 use kvant_plugin_api::DType;
 use tempfile::TempDir;
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
 
 /// Runs the installed `kvant` with only the drop-in folder: an empty registry of its own keeps the
 /// repository's registry.toml (which lists the template too) out of the way.

@@ -3,6 +3,7 @@
 //! or return bad tensors, rtn end to end on checkpoints written here, the conformance suite, and
 //! the CLI's exit codes.
 
+#[allow(dead_code)]
 mod common;
 
 use std::path::Path;
