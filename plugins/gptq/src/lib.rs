@@ -15,7 +15,7 @@
 mod bf16;
 pub mod hessian;
 pub mod linalg;
-pub mod packing;
+pub use kvant_intpack as packing;
 pub mod solve;
 
 use std::borrow::Cow;

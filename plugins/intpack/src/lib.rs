@@ -1,4 +1,5 @@
-//! The GPTQ storage layout: codes packed LSB-first into int32 words, with its tests.
+//! The GPTQ storage layout: codes packed LSB-first into int32 words, with its tests. Shared by
+//! the `gptq` plugin and the `hqq` plugin's GPTQ export, so both write the same bits.
 //!
 //! Every bit width uses one rule: the `k`-th value of a stream occupies bits `k*bits ..
 //! (k+1)*bits` of the concatenated little-endian words. For 2, 4 and 8 bits a value never
