@@ -133,12 +133,20 @@ pub fn evaluate(
     let available = tokens.len() / ctx;
     let windows = match opts.windows {
         Some(n) if n > available => {
-            bail!("the text gives {} tokens, only {available} windows of {ctx}; {n} were asked for", tokens.len())
+            bail!(
+                "the text gives {} tokens, only {available} windows of {ctx}; {n} were asked for (give more text, or \
+                 lower --windows or --ctx)",
+                tokens.len()
+            )
         }
         Some(n) => n,
         None => available,
     };
-    ensure!(windows > 0, "the text gives {} tokens, less than one window of {ctx}", tokens.len());
+    ensure!(
+        windows > 0,
+        "the text gives {} tokens, less than one window of {ctx}; give more text or a smaller --ctx",
+        tokens.len()
+    );
     let vocab = model.config().vocab_size;
     if let Some(r) = reference {
         ensure!(

@@ -641,7 +641,7 @@ impl<'a> Cursor<'a> {
             .is_some_and(|bytes| bytes <= self.remaining());
         if !fits {
             bail!(
-                "{what} count {n} (at offset {at}) cannot fit in the {} bytes left in the file",
+                "{what} count {n} (at offset {at}) cannot fit in the {} bytes left in the file: it is truncated or corrupt",
                 self.remaining()
             );
         }

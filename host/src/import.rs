@@ -28,11 +28,14 @@ pub struct ImportReport {
     pub tokenizer: bool,
 }
 
-/// True when `path` looks like a GGUF file (by its magic, not its name).
+/// True when `path` is a file with GGUF's magic or a `.gguf` name: a damaged `.gguf` file then
+/// gets the GGUF reader's diagnosis instead of being read as a safetensors file.
 pub fn is_gguf(path: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    path.is_file() && std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
+    let named = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    path.is_file()
+        && (named || std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF")
 }
 
 /// Writes a Hugging Face folder with dense `dtype` weights from a GGUF file.

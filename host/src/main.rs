@@ -512,6 +512,10 @@ fn evaluate(
         let mut bar = bar.borrow_mut();
         let bar = bar.get_or_insert_with(|| kvant::progress::Bar::new(total as u64, "eval", progress));
         bar.set_position(done as u64);
+    })
+    .with_context(|| {
+        let texts: Vec<String> = texts.iter().map(|t| t.display().to_string()).collect();
+        format!("evaluating {} on {}", model.display(), texts.join(", "))
     })?;
     Ok(result)
 }

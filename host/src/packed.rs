@@ -61,9 +61,10 @@ pub struct LoadedModel {
 pub fn load_model(registry: &Registry, dir: &Path) -> Result<LoadedModel> {
     let checkpoint = Checkpoint::open(dir)?;
     let config = LlamaConfig::from_json(checkpoint.config())
-        .with_context(|| format!("{}: unsupported config.json", dir.display()))?;
+        .with_context(|| format!("{}: cannot run the model its config.json describes", dir.display()))?;
+    let weights_context = || format!("{}: cannot load the model's weights", dir.display());
     let Some((method, method_config)) = checkpoint_method(registry, &checkpoint)? else {
-        let model = LlamaModel::load(config, &checkpoint, &mut |_| Ok(None))?;
+        let model = LlamaModel::load(config, &checkpoint, &mut |_| Ok(None)).with_context(weights_context)?;
         return Ok(LoadedModel { model, method: None, packed_layers: 0 });
     };
     let client = method.client.clone();
@@ -83,6 +84,7 @@ pub fn load_model(registry: &Registry, dir: &Path) -> Result<LoadedModel> {
         Ok(packed.remove(name).map(|(plan, tensors)| {
             Box::new(PackedLinear::new(client.clone(), plan, tensors, method_config.clone())) as Box<dyn LinearOp>
         }))
-    })?;
+    })
+    .with_context(weights_context)?;
     Ok(LoadedModel { model, method: Some(client.info().name.clone()), packed_layers })
 }

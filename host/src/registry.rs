@@ -150,7 +150,7 @@ impl RegistryPlan {
         };
         for (name, entry) in parsed.methods {
             let path = library_path(base, &entry.library);
-            if let Err(reason) = check_inside(base, &entry.library, &path) {
+            if let Err(reason) = check_inside(base, &entry.library, &path).and_then(|()| check_pin_format(entry.sha256.as_deref(), &path)) {
                 plan.refused.push(Broken { path, reason: format!("method `{name}` in {}: {reason}", file.display()) });
                 continue;
             }
@@ -211,6 +211,13 @@ impl Registry {
                 if !enabled {
                     continue;
                 }
+                if !path.exists() {
+                    let reason = "does not exist; build it (`cargo build --release` builds the workspace's plugins) \
+                                  or correct its `library` path in the registry"
+                        .to_string();
+                    registry.broken.push(Broken { path, reason });
+                    continue;
+                }
                 let pins: Vec<&str> = entries.values().filter_map(|e| e.sha256.as_deref()).collect();
                 if let Err(reason) = check_pins(&path, &pins) {
                     registry.broken.push(Broken { path, reason });
@@ -226,7 +233,6 @@ impl Registry {
             let methods = match open_library(&path, host) {
                 Ok(m) => m,
                 Err(reason) => {
-                    log::warn!("skipping {}: {reason}", path.display());
                     registry.broken.push(Broken { path, reason });
                     continue;
                 }
@@ -266,6 +272,10 @@ impl Registry {
                 registry.methods.insert(name, Method { client: Arc::new(client), origin });
             }
             loaded.insert(key, names);
+        }
+        // Said on stderr too, so that a command failing for want of the method shows why.
+        for b in &registry.broken {
+            log::warn!("skipping {}: {}", b.path.display(), b.reason);
         }
         Ok(registry)
     }
@@ -363,6 +373,18 @@ fn check_not_writable_by_others(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// A pin must be a SHA-256 digest in hex, as `sha256sum` prints it; anything else could never
+/// match and would only be reported as a changed file.
+fn check_pin_format(pin: Option<&str>, library: &Path) -> Result<(), String> {
+    match pin {
+        Some(pin) if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) => Err(format!(
+            "sha256 `{pin}` is not 64 hexadecimal digits; pin what `sha256sum {}` prints",
+            library.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn check_pins(path: &Path, pins: &[&str]) -> Result<(), String> {
     if pins.is_empty() {
         return Ok(());
@@ -436,9 +458,10 @@ fn open_library(path: &Path, host: HostCallbacksRef) -> Result<Vec<MethodClient>
 }
 
 fn one_line(e: &dyn std::fmt::Display) -> String {
-    // abi_stable spreads one error over several lines (path on one, reason on the next).
+    // abi_stable spreads one error over several lines: an open error's "at: / path / because: /
+    // reason" fits in four, while a layout mismatch goes on for pages.
     let text = e.to_string();
-    let parts: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).take(3).collect();
+    let parts: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).take(4).collect();
     parts.join(" ")
 }
 

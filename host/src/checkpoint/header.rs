@@ -56,18 +56,21 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<Header> {
     let text = std::str::from_utf8(header_bytes)
         .map_err(|e| anyhow::anyhow!("header is not valid UTF-8 JSON: {e}"))?;
     let entries: UniqueKeyMap = serde_json::from_str(text).map_err(|e| {
-        anyhow::anyhow!(
-            "header is not valid JSON ({e}); the file is corrupt or not a safetensors file"
-        )
+        if e.is_data() {
+            // Well-formed JSON of the wrong shape, or a tensor named twice.
+            anyhow::anyhow!("header is not a safetensors header: {e}")
+        } else {
+            anyhow::anyhow!(
+                "header is not valid JSON ({e}); the file is corrupt or not a safetensors file"
+            )
+        }
     })?;
 
     let data_len = bytes.len() - data_start;
     let mut tensors = Vec::with_capacity(entries.0.len());
     for (name, value) in entries.0 {
         if name == METADATA_KEY {
-            if !value.is_object() {
-                bail!("header field `{METADATA_KEY}` must be a JSON object, found {value}");
-            }
+            check_metadata(&value)?;
             continue;
         }
         let tensor = parse_entry(&name, &value)
@@ -87,6 +90,18 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<Header> {
         data_start,
         tensors,
     })
+}
+
+/// `__metadata__` maps strings to strings; safetensors' own loader refuses anything else, so a
+/// file kvant accepted here would fail to load elsewhere.
+fn check_metadata(value: &Value) -> Result<()> {
+    let Some(fields) = value.as_object() else {
+        bail!("header field `{METADATA_KEY}` must be a JSON object, found {value}");
+    };
+    if let Some((key, v)) = fields.iter().find(|(_, v)| !v.is_string()) {
+        bail!("header field `{METADATA_KEY}.{key}` must be a string, found {v}: the file is corrupt");
+    }
+    Ok(())
 }
 
 /// Checks one tensor's dtype, shape and offsets, independently of the others.
@@ -146,7 +161,9 @@ fn parse_entry(name: &str, value: &Value) -> Result<HeaderTensor> {
 
     let spec = TensorSpec::new(name, dtype, shape);
     let expected =
-        checked_byte_len(&spec).with_context(|| format!("shape {:?} is too large", spec.shape))?;
+        checked_byte_len(&spec).with_context(|| {
+            format!("shape {:?} is too large: its byte size overflows", spec.shape)
+        })?;
     if end - begin != expected {
         bail!(
             "data_offsets [{begin}, {end}] hold {} bytes, but dtype {dtype} with shape {:?} needs {expected}",
@@ -173,11 +190,12 @@ fn check_contiguous(tensors: &mut [HeaderTensor], data_len: usize) -> Result<()>
     for t in tensors.iter() {
         if t.begin < cursor {
             bail!(
-                "tensor `{}` (bytes {}..{}) overlaps tensor `{}` (bytes ..{cursor}): the header is corrupt",
+                "tensor `{}` (bytes {}..{}) overlaps tensor `{}` (bytes {}..{cursor}): the header is corrupt",
                 t.spec.name,
                 t.begin,
                 t.end,
-                previous.map_or("", |p| p.spec.name.as_str())
+                previous.map_or("", |p| p.spec.name.as_str()),
+                previous.map_or(0, |p| p.begin)
             );
         }
         if t.begin > cursor {
@@ -312,6 +330,15 @@ mod tests {
         assert!(error(&file("{not json", 0)).contains("header is not valid JSON"));
         let dup = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
         assert!(error(&file(dup, 2)).contains("tensor `a` appears twice"));
+    }
+
+    #[test]
+    fn rejects_non_object_headers_and_non_string_metadata() {
+        let msg = error(&file("[1,2]", 0));
+        assert!(msg.starts_with("header is not a safetensors header: invalid type: sequence"), "{msg}");
+        assert!(parse(&file(r#"{"__metadata__":{"format":"pt"}}"#, 0)).is_ok());
+        let msg = error(&file(r#"{"__metadata__":{"format":"pt","step":5}}"#, 0));
+        assert!(msg.contains("`__metadata__.step` must be a string, found 5"), "{msg}");
     }
 
     #[test]

@@ -55,24 +55,27 @@ const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
 impl LlamaConfig {
     /// Reads the configuration from a parsed `config.json`.
     pub fn from_json(cfg: &Value) -> Result<LlamaConfig> {
-        let model_type = cfg.get("model_type").and_then(Value::as_str).unwrap_or("llama").to_string();
+        let model_type = opt_str(cfg, "model_type")?.unwrap_or("llama").to_string();
         if !SUPPORTED.contains(&model_type.as_str()) {
             bail!(
                 "model_type `{model_type}` is not a Llama-family decoder the forward pass supports ({})",
                 SUPPORTED.join(", ")
             );
         }
-        let act = cfg.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
+        let act = opt_str(cfg, "hidden_act")?.unwrap_or("silu");
         if act != "silu" {
             bail!("hidden_act `{act}` is not supported (only silu)");
         }
         let hidden_size = usize_key(cfg, "hidden_size")?;
         let num_heads = usize_key(cfg, "num_attention_heads")?;
+        if num_heads == 0 {
+            bail!("config.json: `num_attention_heads` must be at least 1, found 0");
+        }
         let num_kv_heads = opt_usize(cfg, "num_key_value_heads")?.unwrap_or(num_heads);
         let head_dim = match opt_usize(cfg, "head_dim")? {
             Some(d) => d,
             None => {
-                if num_heads == 0 || hidden_size % num_heads != 0 {
+                if hidden_size % num_heads != 0 {
                     bail!("hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}");
                 }
                 hidden_size / num_heads
@@ -86,13 +89,25 @@ impl LlamaConfig {
         }
         // Qwen2 configs carry a sliding_window that only applies with use_sliding_window.
         let sliding_window = if model_type == "qwen2" {
-            if cfg.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
+            if opt_bool(cfg, "use_sliding_window")? == Some(true) {
                 bail!("qwen2 with use_sliding_window = true is not supported");
             }
             None
         } else {
             opt_usize(cfg, "sliding_window")?
         };
+        // Out-of-range values would not fail anywhere: the forward pass would quietly give NaN.
+        let rms_norm_eps = opt_f64(cfg, "rms_norm_eps")?.unwrap_or(1e-6);
+        if !(rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {
+            bail!("config.json: `rms_norm_eps` must be a non-negative number, found {rms_norm_eps}");
+        }
+        let rope_theta = opt_f64(cfg, "rope_theta")?.unwrap_or(10000.0);
+        if !(rope_theta.is_finite() && rope_theta > 0.0) {
+            bail!("config.json: `rope_theta` must be a positive number, found {rope_theta}");
+        }
+        if sliding_window == Some(0) {
+            bail!("config.json: `sliding_window` must be at least 1 (or null), found 0");
+        }
         Ok(LlamaConfig {
             model_type,
             hidden_size,
@@ -102,10 +117,10 @@ impl LlamaConfig {
             num_kv_heads,
             head_dim,
             vocab_size: usize_key(cfg, "vocab_size")?,
-            rms_norm_eps: cfg.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6) as f32,
-            rope_theta: cfg.get("rope_theta").and_then(Value::as_f64).unwrap_or(10000.0),
+            rms_norm_eps: rms_norm_eps as f32,
+            rope_theta,
             rope_scaling: RopeScaling::from_json(cfg.get("rope_scaling"))?,
-            tie_word_embeddings: cfg.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            tie_word_embeddings: opt_bool(cfg, "tie_word_embeddings")?.unwrap_or(false),
             sliding_window,
         })
     }
@@ -127,6 +142,9 @@ impl RopeScaling {
         let Some(obj) = v.filter(|v| !v.is_null()) else {
             return Ok(RopeScaling::None);
         };
+        if !obj.is_object() {
+            bail!("config.json: `rope_scaling` must be an object or null, found {obj}");
+        }
         // Older configs name the variant `type`, newer ones `rope_type`.
         let kind = obj
             .get("rope_type")
@@ -175,14 +193,29 @@ impl RopeScaling {
     }
 }
 
-fn opt_usize(cfg: &Value, key: &str) -> Result<Option<usize>> {
+/// An optional key of the given JSON type: absent or null is `None`; any other type is an error
+/// naming the key, never a silent fall back to the default.
+fn opt_typed<'a, T>(cfg: &'a Value, key: &str, expected: &str, read: impl Fn(&'a Value) -> Option<T>) -> Result<Option<T>> {
     match cfg.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(|n| Some(n as usize))
-            .with_context(|| format!("config.json: `{key}` is not a non-negative integer: {v}")),
+        Some(v) => read(v).map(Some).with_context(|| format!("config.json: `{key}` must be {expected}, found {v}")),
     }
+}
+
+fn opt_usize(cfg: &Value, key: &str) -> Result<Option<usize>> {
+    opt_typed(cfg, key, "a non-negative integer", |v| v.as_u64().and_then(|n| usize::try_from(n).ok()))
+}
+
+fn opt_f64(cfg: &Value, key: &str) -> Result<Option<f64>> {
+    opt_typed(cfg, key, "a number", Value::as_f64)
+}
+
+fn opt_bool(cfg: &Value, key: &str) -> Result<Option<bool>> {
+    opt_typed(cfg, key, "true or false", Value::as_bool)
+}
+
+fn opt_str<'a>(cfg: &'a Value, key: &str) -> Result<Option<&'a str>> {
+    opt_typed(cfg, key, "a string", Value::as_str)
 }
 
 fn usize_key(cfg: &Value, key: &str) -> Result<usize> {
@@ -221,6 +254,32 @@ mod tests {
         let mut c = base();
         c["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
         assert!(LlamaConfig::from_json(&c).is_err());
+    }
+
+    #[test]
+    fn wrongly_typed_keys_are_errors_not_defaults() {
+        for (key, value, expected) in [
+            ("rms_norm_eps", json!("1e-5"), "config.json: `rms_norm_eps` must be a number, found \"1e-5\""),
+            ("tie_word_embeddings", json!("yes"), "config.json: `tie_word_embeddings` must be true or false, found \"yes\""),
+            ("model_type", json!(7), "config.json: `model_type` must be a string, found 7"),
+            ("hidden_size", json!(-64), "config.json: `hidden_size` must be a non-negative integer, found -64"),
+        ] {
+            let mut c = base();
+            c[key] = value;
+            assert_eq!(LlamaConfig::from_json(&c).unwrap_err().to_string(), expected);
+        }
+        for (key, value, expected) in [
+            ("num_attention_heads", json!(0), "config.json: `num_attention_heads` must be at least 1, found 0"),
+            ("rope_theta", json!(0.0), "config.json: `rope_theta` must be a positive number, found 0"),
+            ("rms_norm_eps", json!(-1.0), "config.json: `rms_norm_eps` must be a non-negative number, found -1"),
+        ] {
+            let mut c = base();
+            c[key] = value;
+            assert_eq!(LlamaConfig::from_json(&c).unwrap_err().to_string(), expected, "out of range: {key}");
+        }
+        let mut c = base();
+        c["rope_theta"] = Value::Null;
+        assert_eq!(LlamaConfig::from_json(&c).unwrap().rope_theta, 10000.0, "null means absent");
     }
 
     #[test]
