@@ -10,7 +10,8 @@
 //!   short last group of 128, odd, a single row) and F32/F16/BF16 Gaussian weights, with and
 //!   without bias: plan, quantize (checked against the plan as the host does), `linear_shape`,
 //!   `dequantize` within the method's declared tolerance, and `forward` against dequantize plus a
-//!   dense matmul. Calibration methods get an observer fed with random batches first;
+//!   dense matmul within its declared `forward_tolerance`. Calibration methods get an observer
+//!   fed with random batches first. A `read_only` method must refuse to plan each of them instead;
 //! - serializable methods: the `quantization_config` they write is recognised by their own
 //!   `answers_to` and reads back to the same options.
 
@@ -32,9 +33,6 @@ use crate::requirements::{self, Requirement};
 
 /// The module name used in the one-module skeletons.
 const MODULE: &str = "model.layers.0.mlp.down_proj";
-
-/// `forward` may differ from dequantize + dense matmul by this much (relative Frobenius).
-const FORWARD_TOLERANCE: f64 = 1e-3;
 
 /// Rows of input given to `forward`, and per batch to a calibration observer.
 const ROWS: usize = 3;
@@ -121,7 +119,11 @@ pub fn check_method(method: &MethodClient) -> Vec<Check> {
     record("every problem reported", every_problem_reported(method));
     let Ok(config) = defaults else { return checks };
     for case in cases() {
-        record(&case.to_string(), round_trip(method, &config, &case));
+        if info.read_only {
+            record(&format!("{case} refused (read-only)"), refuses_to_plan(method, &config, &case));
+        } else {
+            record(&case.to_string(), round_trip(method, &config, &case));
+        }
     }
     if info.flags.is_serializable {
         record("quantization_config reads back", reads_back(method, &config));
@@ -143,6 +145,9 @@ fn identity(info: &MethodInfo) -> Result<String, String> {
     if !(info.tolerance.is_finite() && info.tolerance > 0.0) {
         problems.push(format!("tolerance {} must be a positive number", info.tolerance));
     }
+    if !(info.forward_tolerance.is_finite() && info.forward_tolerance > 0.0) {
+        problems.push(format!("forward_tolerance {} must be a positive number", info.forward_tolerance));
+    }
     joined(problems, format!("version {}", info.version))
 }
 
@@ -162,6 +167,14 @@ fn flags(info: &MethodInfo) -> Result<String, String> {
             info.flags.requires_calibration,
             if wants_calibration { "" } else { "not " }
         ));
+    }
+    let f = &info.flags;
+    if info.read_only && (f.is_serializable || f.requires_calibration || f.requires_parameters_quantization) {
+        problems.push(
+            "read_only, yet it declares is_serializable, requires_calibration or requires_parameters_quantization, \
+             which are about quantizing"
+                .into(),
+        );
     }
     joined(problems, String::new())
 }
@@ -276,6 +289,7 @@ fn joined(problems: Vec<String>, detail: String) -> Result<String, String> {
 }
 
 /// One Linear the suite quantizes.
+#[derive(Clone, Copy)]
 struct Case {
     out: usize,
     inp: usize,
@@ -308,8 +322,8 @@ fn cases() -> Vec<Case> {
     cases
 }
 
-/// Plan, quantize, check against the plan, `linear_shape`, dequantize and forward for one case.
-fn round_trip(method: &MethodClient, config: &Config, case: &Case) -> Result<String, String> {
+/// The case's dense weight and bias, and the one-module skeleton holding them.
+fn dense_case(case: &Case) -> (Tensor, Option<Tensor>, Skeleton) {
     let (out, inp) = (case.out, case.inp);
     let weight = Tensor {
         name: "weight".into(),
@@ -323,17 +337,34 @@ fn round_trip(method: &MethodClient, config: &Config, case: &Case) -> Result<Str
         shape: vec![out],
         data: from_f32(case.dtype, &gaussian(case.seed + 1, out)),
     });
-    let dense: Vec<&Tensor> = std::iter::once(&weight).chain(&bias).collect();
     let skeleton = Skeleton {
         model_type: "kvant-check".into(),
         config: json!({"model_type": "kvant-check"}),
         modules: vec![Module {
             name: MODULE.into(),
             kind: ModuleKind::Linear,
-            tensors: dense.iter().map(|t| t.spec()).collect(),
+            tensors: std::iter::once(&weight).chain(&bias).map(Tensor::spec).collect(),
             not_converted: None,
         }],
     };
+    (weight, bias, skeleton)
+}
+
+/// A read-only method must refuse the plan with a message (what `kvant quantize` would show).
+fn refuses_to_plan(method: &MethodClient, config: &Config, case: &Case) -> Result<String, String> {
+    let (_, _, skeleton) = dense_case(case);
+    match method.plan(&skeleton, config) {
+        Ok(plan) => Err(format!("read_only, but it plans to convert {} module(s)", plan.modules.len())),
+        Err(e) if e.0.trim().is_empty() => Err("read_only, and its refusal to plan says nothing".into()),
+        Err(_) => Ok(String::new()),
+    }
+}
+
+/// Plan, quantize, check against the plan, `linear_shape`, dequantize and forward for one case.
+fn round_trip(method: &MethodClient, config: &Config, case: &Case) -> Result<String, String> {
+    let (out, inp) = (case.out, case.inp);
+    let (weight, bias, skeleton) = dense_case(case);
+    let dense: Vec<&Tensor> = std::iter::once(&weight).chain(&bias).collect();
 
     let plan = method.plan(&skeleton, config).map_err(|e| format!("process_model_before_weight_loading: {e}"))?;
     let module = match plan.modules.as_slice() {
@@ -398,12 +429,14 @@ fn round_trip(method: &MethodClient, config: &Config, case: &Case) -> Result<Str
         return Err(format!("forward returned {} values for {ROWS} rows of a {out}x{inp} Linear", y.len()));
     }
     let forward_error = relative_error(&y, &expected);
-    if forward_error.is_nan() || forward_error > FORWARD_TOLERANCE {
+    let forward_tolerance = method.info().forward_tolerance;
+    if forward_error.is_nan() || forward_error > f64::from(forward_tolerance) {
         return Err(format!(
-            "forward differs from dequantize + matmul by {forward_error:.2e} (relative; at most {FORWARD_TOLERANCE:e})"
+            "forward differs from dequantize + matmul by {forward_error:.2e} (relative; the declared forward_tolerance is \
+             {forward_tolerance:e})"
         ));
     }
-    Ok(format!("error {error:.4} <= {tolerance}, forward {forward_error:.1e}"))
+    Ok(format!("error {error:.4} <= {tolerance}, forward {forward_error:.1e} <= {forward_tolerance:e}"))
 }
 
 /// The `quantization_config` the method writes must select it again and give back its options.
@@ -459,6 +492,118 @@ pub fn gaussian(seed: u64, n: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvant_plugin_api::ffi::method_box;
+    use kvant_plugin_api::{
+        Error, Flags, ModuleTensors, NoCalibration, QuantMethod, Quantized, TensorSpec, DEFAULT_FORWARD_TOLERANCE,
+    };
+
+    /// Keeps weights as F32, plus a note whose length depends on them (a variable-length tensor);
+    /// its forward is off by `forward_scale`.
+    struct Exact {
+        forward_scale: f32,
+        forward_tolerance: f32,
+        read_only: bool,
+        serializable: bool,
+    }
+
+    impl Exact {
+        fn client(forward_scale: f32, forward_tolerance: f32) -> MethodClient {
+            let m = Exact { forward_scale, forward_tolerance, read_only: false, serializable: true };
+            MethodClient::new(method_box(m)).unwrap()
+        }
+    }
+
+    impl QuantMethod for Exact {
+        type Observer = NoCalibration;
+
+        fn info(&self) -> MethodInfo {
+            MethodInfo {
+                name: "exact".into(),
+                version: "1".into(),
+                description: "F32 copies".into(),
+                answers_to: vec![json!({"quant_method": "exact"}).as_object().unwrap().clone()],
+                flags: Flags { is_serializable: self.serializable, ..Flags::default() },
+                required_packages: vec![],
+                options: vec![],
+                tolerance: 1e-6,
+                forward_tolerance: self.forward_tolerance,
+                read_only: self.read_only,
+            }
+        }
+
+        fn plan_linear(&self, module: &Module, _: &Config) -> kvant_plugin_api::Result<Option<ModulePlan>> {
+            if self.read_only {
+                return Err(Error::new(format!("module `{}`: exact only reads", module.name)));
+            }
+            let (out, inp) = module.linear_shape().unwrap();
+            let mut tensors = vec![TensorSpec::new("w", DType::F32, [out, inp]), TensorSpec::variable("note", DType::U8, 24)];
+            tensors.extend(module.tensors.iter().filter(|t| t.name == "bias").cloned());
+            Ok(Some(ModulePlan { name: module.name.clone(), shape: (out, inp), tensors, attrs: Value::Null }))
+        }
+
+        fn quantize(&self, m: &ModuleTensors<'_>, _: Option<&NoCalibration>, _: &Config) -> kvant_plugin_api::Result<Quantized> {
+            let w = m.get("weight")?;
+            let note = format!("{}", w.to_f32()[0]).into_bytes();
+            let mut tensors = vec![
+                Tensor::f32("w", w.shape, &w.to_f32()),
+                Tensor { name: "note".into(), dtype: DType::U8, shape: vec![note.len()], data: note },
+            ];
+            if let Some(b) = m.find("bias") {
+                tensors.push(Tensor { name: "bias".into(), dtype: b.dtype, shape: b.shape.to_vec(), data: b.data.to_vec() });
+            }
+            Ok(Quantized::tensors(tensors))
+        }
+
+        fn linear_shape(&self, m: &ModuleTensors<'_>, _: &Config) -> kvant_plugin_api::Result<(usize, usize)> {
+            let w = m.get("w")?;
+            Ok((w.shape[0], w.shape[1]))
+        }
+
+        fn dequantize(&self, m: &ModuleTensors<'_>, _: &Config) -> kvant_plugin_api::Result<Vec<f32>> {
+            Ok(m.get("w")?.to_f32())
+        }
+
+        fn forward(&self, m: &ModuleTensors<'_>, x: &[f32], rows: usize, _: &Config) -> kvant_plugin_api::Result<Vec<f32>> {
+            let bias = m.find("bias").map(|b| b.to_f32());
+            let y = linear_forward(x, rows, &m.get("w")?.to_f32(), m.plan.shape, bias.as_deref());
+            Ok(y.into_iter().map(|v| v * self.forward_scale).collect())
+        }
+    }
+
+    fn failures(method: &MethodClient) -> Vec<String> {
+        check_method(method).into_iter().filter(|c| !c.passed()).map(|c| c.to_string()).collect()
+    }
+
+    #[test]
+    fn forward_is_held_to_the_declared_tolerance() {
+        // Variable-length tensors pass the plan check; a forward 0.5 % off fails the default
+        // tolerance and passes a declared 1 %.
+        assert_eq!(failures(&Exact::client(1.0, DEFAULT_FORWARD_TOLERANCE)), Vec::<String>::new());
+        let off = failures(&Exact::client(1.005, DEFAULT_FORWARD_TOLERANCE));
+        assert_eq!(off.len(), cases().len(), "{off:#?}");
+        assert!(off[0].contains("forward differs") && off[0].contains("forward_tolerance is 1e-3"), "{}", off[0]);
+        assert_eq!(failures(&Exact::client(1.005, 0.01)), Vec::<String>::new());
+        let bad = failures(&Exact::client(1.0, -1.0));
+        assert!(bad.iter().any(|f| f.contains("identity") && f.contains("forward_tolerance -1 must be")), "{bad:#?}");
+    }
+
+    #[test]
+    fn read_only_methods_must_refuse_to_plan() {
+        let method = |read_only, serializable| {
+            let m = Exact { forward_scale: 1.0, forward_tolerance: 1e-3, read_only, serializable };
+            MethodClient::new(method_box(m)).unwrap()
+        };
+        let checks = check_method(&method(true, false));
+        assert!(checks.iter().all(Check::passed), "{:#?}", checks.iter().filter(|c| !c.passed()).collect::<Vec<_>>());
+        assert_eq!(checks.iter().filter(|c| c.name.ends_with("refused (read-only)")).count(), cases().len());
+        let bad = failures(&method(true, true));
+        assert!(bad.iter().any(|f| f.contains("flags consistent") && f.contains("read_only")), "{bad:#?}");
+        // Planning anyway is caught.
+        let plans = method(false, false);
+        let config = plans.validate_config(&Map::new()).unwrap();
+        let refused = refuses_to_plan(&plans, &config, &cases()[0]).unwrap_err();
+        assert!(refused.contains("plans to convert 1 module"), "{refused}");
+    }
 
     #[test]
     fn gaussian_is_reproducible_and_standard() {

@@ -163,25 +163,40 @@ pub fn checkpoint_method<'r>(registry: &'r Registry, checkpoint: &Checkpoint) ->
     Ok(Some((method, config)))
 }
 
-fn check_tensor(module: &str, expected: &TensorSpec, got: &Tensor) -> Result<()> {
-    if got.dtype != expected.dtype || got.shape != expected.shape {
+fn check_tensor(module: &str, expected: &TensorSpec, got: &TensorView<'_>) -> Result<()> {
+    if !expected.admits(got.dtype, got.shape) {
+        let bound = if expected.variable_length { " (1-D, at most)" } else { "" };
         bail!(
-            "tensor `{module}.{}` is {} {:?}, but the plan announced {} {:?}",
+            "tensor `{module}.{}` is {} {:?}, but the plan announced {} {:?}{bound}",
             got.name, got.dtype, got.shape, expected.dtype, expected.shape
         );
     }
-    if got.data.len() != expected.byte_len() {
-        bail!("tensor `{module}.{}` has {} bytes, expected {}", got.name, got.data.len(), expected.byte_len());
+    let len = got.numel() * got.dtype.size();
+    if got.data.len() != len {
+        bail!("tensor `{module}.{}` has {} bytes, expected {len}", got.name, got.data.len());
     }
-    if got.dtype.is_float() && got.view().to_f32().iter().any(|v| !v.is_finite()) {
+    if got.dtype.is_float() && !all_finite(got) {
         bail!("tensor `{module}.{}` contains NaN or infinite values", got.name);
     }
     Ok(())
 }
 
+/// No NaN or infinity, read in place (F32 is most of what plugins return, and can be large).
+fn all_finite(t: &TensorView<'_>) -> bool {
+    match t.dtype {
+        DType::F32 => t.cast::<f32>().is_ok_and(|v| v.iter().all(|x| x.is_finite())),
+        _ => t.to_f32().iter().all(|x| x.is_finite()),
+    }
+}
+
 /// Checks a plugin's result for one module against its plan: same names, dtypes, shapes; finite.
 pub fn check_against_plan(plan: &ModulePlan, tensors: &[Tensor]) -> Result<()> {
-    let got: HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    check_views_against_plan(plan, &tensors.iter().map(Tensor::view).collect::<Vec<_>>())
+}
+
+/// [`check_against_plan`] on tensors the plugin lends (see `MethodClient::quantize_lent`).
+pub fn check_views_against_plan(plan: &ModulePlan, tensors: &[TensorView<'_>]) -> Result<()> {
+    let got: HashSet<&str> = tensors.iter().map(|t| t.name).collect();
     let want: HashSet<&str> = plan.tensors.iter().map(|t| t.name.as_str()).collect();
     if got.len() != tensors.len() {
         bail!("module `{}`: the plugin returned a tensor name twice", plan.name);
@@ -225,6 +240,9 @@ fn check_plan(plan: &Plan, skeleton: &kvant_plugin_api::Skeleton) -> Result<()> 
         for t in &m.tensors {
             if !names.insert(&t.name) || t.name.is_empty() {
                 bail!("the plan for `{}` names tensor `{}` twice or empty", m.name, t.name);
+            }
+            if t.variable_length && t.shape.len() != 1 {
+                bail!("the plan gives `{}.{}` a variable length but shape {:?}; only 1-D tensors may have one", m.name, t.name, t.shape);
             }
         }
     }
@@ -298,7 +316,7 @@ fn quantize_once(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeR
         let (module, _) = split_module_name(tensor);
         match planned.get(module) {
             Some(p) if emitted.insert(module) => {
-                specs.extend(p.tensors.iter().map(|t| TensorSpec::new(format!("{module}.{}", t.name), t.dtype, t.shape.clone())))
+                specs.extend(p.tensors.iter().map(|t| TensorSpec { name: format!("{module}.{}", t.name), ..t.clone() }))
             }
             Some(_) => {}
             None => {
@@ -308,7 +326,6 @@ fn quantize_once(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeR
             }
         }
     }
-    let bytes_out: u64 = specs.iter().map(|s| s.byte_len() as u64).sum();
     let options = WriterOptions {
         max_shard_bytes: req.max_shard_bytes,
         force: req.force,
@@ -328,18 +345,28 @@ fn quantize_once(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeR
     let mut quantized_weights = 0u64;
     let mut quantized_bytes = 0u64;
     // `dense` is what the packed tensors stand for: the checkpoint's weights, or their folded form.
-    let mut record = |p: &ModulePlan, q: &Quantized, dense: &[TensorView<'_>]| -> Result<()> {
+    let mut record = |p: &ModulePlan, packed: &[TensorView<'_>], loss: Option<f64>, dense: &[TensorView<'_>]| -> Result<()> {
         if let Some(done) = journal.done(&p.name) {
             reports.push(serde_json::from_value(done.report.clone()).context("journal entry without a report")?);
-            quantized_bytes += p.tensors.iter().filter(|t| t.name != "bias").map(|t| t.byte_len() as u64).sum::<u64>();
+            quantized_bytes += p
+                .tensors
+                .iter()
+                .filter(|t| t.name != "bias")
+                .map(|t| done.lengths.get(&format!("{}.{}", p.name, t.name)).copied().unwrap_or(t.byte_len() as u64))
+                .sum::<u64>();
             quantized_weights += (p.shape.0 * p.shape.1) as u64;
             return Ok(());
         }
-        let error = reconstruction_error(method, p, &q.tensors, dense, &config)?;
-        for t in &q.tensors {
-            writer.write(&format!("{}.{}", p.name, t.name), &t.data)?;
+        let error = reconstruction_error(method, p, packed, dense, &config)?;
+        let mut lengths = std::collections::BTreeMap::new();
+        for t in packed {
+            let full = format!("{}.{}", p.name, t.name);
+            writer.write(&full, t.data)?;
             if t.name != "bias" {
                 quantized_bytes += t.data.len() as u64;
+            }
+            if let Some(len) = writer.settled_len(&full) {
+                lengths.insert(full, len);
             }
         }
         // Streaming: the module's input pages leave resident memory with it.
@@ -347,10 +374,10 @@ fn quantize_once(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeR
             checkpoint.release(&format!("{}.{}", p.name, v.name));
         }
         quantized_weights += (p.shape.0 * p.shape.1) as u64;
-        reports.push(ModuleReport { name: p.name.clone(), relative_error: error, loss: q.loss });
-        let tensors = q.tensors.iter().map(|t| format!("{}.{}", p.name, t.name)).collect();
+        reports.push(ModuleReport { name: p.name.clone(), relative_error: error, loss });
+        let tensors = packed.iter().map(|t| format!("{}.{}", p.name, t.name)).collect();
         let report = serde_json::to_value(reports.last())?;
-        journal.record(resume::Done { module: p.name.clone(), tensors, report }, || writer.sync_data())
+        journal.record(resume::Done { module: p.name.clone(), tensors, report, lengths }, || writer.sync_data())
     };
     let bar = Bar::new(plan.modules.len() as u64, "quantize", req.progress);
     let mut folded: HashMap<String, Tensor> = HashMap::new();
@@ -379,7 +406,10 @@ fn quantize_once(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeR
         }
         let true_sequential = config.get("true_sequential").and_then(Value::as_bool).unwrap_or(true);
         let windows = (spec.n_samples, spec.seq_len);
-        folded = quantize_calibrated(&checkpoint, &mut model, method, &config, &plan, &tokens, windows, true_sequential, &bar, &mut record)?
+        let mut emit = |p: &ModulePlan, q: &Quantized, dense: &[TensorView<'_>]| {
+            record(p, &q.tensors.iter().map(Tensor::view).collect::<Vec<_>>(), q.loss, dense)
+        };
+        folded = quantize_calibrated(&checkpoint, &mut model, method, &config, &plan, &tokens, windows, true_sequential, &bar, &mut emit)?
             .into_iter()
             .collect();
     } else {
@@ -387,14 +417,17 @@ fn quantize_once(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeR
             let Some(p) = planned.get(module.name.as_str()) else { continue };
             bar.step(&p.name);
             if resumed.contains(&p.name) {
-                record(p, &Quantized::tensors(Vec::new()), &[])?;
+                record(p, &[], None, &[])?;
                 continue;
             }
             let views = module_views(&checkpoint, &p.name)?;
+            // The packed tensors stay in the plugin's memory until written: no copy.
             let q = watchdog::quantize(method, p, &views, &config, req.module_timeout)
-                .and_then(|q| check_against_plan(p, &q.tensors).map(|()| q).with_context(|| format!("method `{name}` returned bad tensors")))
+                .and_then(|q| {
+                    check_views_against_plan(p, &q.views()).map(|()| q).with_context(|| format!("method `{name}` returned bad tensors"))
+                })
                 .map_err(|e| watchdog::module_failure(&p.name, e))?;
-            record(p, &q, &views)?;
+            record(p, &q.views(), q.loss, &views)?;
         }
     }
     drop(bar);
@@ -414,7 +447,7 @@ fn quantize_once(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeR
             checkpoint.release(&full);
             tensors.push(full);
         }
-        journal.record(resume::Done { module: module.name.clone(), tensors, report: Value::Null }, || writer.sync_data())?;
+        journal.record(resume::Done { module: module.name.clone(), tensors, report: Value::Null, lengths: Default::default() }, || writer.sync_data())?;
     }
 
     // 7. quantization_config, then the atomic save.
@@ -438,6 +471,7 @@ fn quantize_once(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeR
     if let Some(d) = dtype {
         obj.insert("torch_dtype".into(), d.torch_name().into());
     }
+    let bytes_out = writer.data_bytes();
     writer.finish(&out_config, checkpoint.companion_files())?;
 
     let params: u64 = skeleton.modules.iter().flat_map(|m| &m.tensors).map(|t| t.numel() as u64).sum();
@@ -486,15 +520,14 @@ fn fingerprint(registry: &Registry, req: &QuantizeRequest, config: &Config, chec
 fn reconstruction_error(
     method: &MethodClient,
     plan: &ModulePlan,
-    tensors: &[Tensor],
+    views: &[TensorView<'_>],
     dense: &[TensorView<'_>],
     config: &Config,
 ) -> Result<f64> {
-    let views: Vec<TensorView<'_>> = tensors.iter().map(Tensor::view).collect();
     let w = dense.iter().find(|v| v.name == "weight").ok_or_else(|| anyhow!("module `{}` has no weight", plan.name))?;
     // Read where the plugin left it: a copy would cost as much memory and time as the weight.
     method
-        .dequantize_with(plan, &views, config, |back| {
+        .dequantize_with(plan, views, config, |back| {
             if back.len() != plan.shape.0 * plan.shape.1 {
                 bail!("method `{}` dequantized `{}` to {} values, expected {:?}", method.info().name, plan.name, back.len(), plan.shape);
             }

@@ -22,7 +22,7 @@ use abi_stable::library::{lib_header_from_path, LibraryError};
 use abi_stable::std_types::RStr;
 use anyhow::{bail, Context, Result};
 use kvant_plugin_api::ffi::{methods_of, HostCallbacks, HostCallbacksRef, MethodClient, PluginModRef};
-use kvant_plugin_api::CONTRACT_VERSION;
+use kvant_plugin_api::{CONTRACT_VERSION, OLDEST_LOADABLE_CONTRACT};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -408,15 +408,16 @@ pub fn open_plugin(path: &Path, threads: usize) -> Result<Vec<MethodClient>, Str
     open_library(path, host_callbacks(threads))
 }
 
-/// The contract rule: same MAJOR, and a MINOR at least the host's. A plugin of an older minor
+/// The contract rule: same MAJOR, and a MINOR no older than `oldest`. A plugin of an older minor
 /// lacks entries the host's method table has, which abi_stable's layout check refuses; saying so
 /// here gives the user the versions and the remedy instead of a layout dump.
-fn contract_compatible(theirs: &str, ours: &str) -> Result<(), String> {
+fn contract_compatible(theirs: &str, ours: &str, oldest: &str) -> Result<(), String> {
     let parse = |v: &str| -> Option<(u32, u32)> {
         let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
         Some((parts.next()??, parts.next()??))
     };
-    let (Some((their_major, their_minor)), Some((major, minor))) = (parse(theirs), parse(ours)) else {
+    let (Some((their_major, their_minor)), Some((major, _)), Some((_, minor))) = (parse(theirs), parse(ours), parse(oldest))
+    else {
         return Err(format!("declares contract version `{theirs}`, which is not MAJOR.MINOR.PATCH"));
     };
     if their_major != major {
@@ -427,8 +428,8 @@ fn contract_compatible(theirs: &str, ours: &str) -> Result<(), String> {
     }
     if their_minor < minor {
         return Err(format!(
-            "was built against plugin contract {theirs}, older than this host's {ours}; rebuild it against \
-             kvant-plugin-api {major}.{minor} or newer (its source needs no change)"
+            "was built against plugin contract {theirs}, older than the {major}.{minor} this host's {ours} \
+             still loads; rebuild it against kvant-plugin-api {major}.{minor} or newer (its source needs no change)"
         ));
     }
     Ok(())
@@ -442,7 +443,7 @@ fn open_library(path: &Path, host: HostCallbacksRef) -> Result<Vec<MethodClient>
         other => format!("is not a usable kvant plugin: {}", one_line(&other)),
     })?;
     let theirs = header.version_strings().version.as_str();
-    contract_compatible(theirs, CONTRACT_VERSION)?;
+    contract_compatible(theirs, CONTRACT_VERSION, OLDEST_LOADABLE_CONTRACT)?;
     let module = header.check_layout::<PluginModRef>().map_err(|e| {
         format!(
             "says contract {theirs} but its types do not match this host's contract {CONTRACT_VERSION} \
@@ -518,14 +519,15 @@ mod tests {
     }
 
     #[test]
-    fn contract_versions_need_same_major_and_no_older_minor() {
-        assert!(contract_compatible("1.1.0", "1.1.0").is_ok());
-        assert!(contract_compatible("1.4.2", "1.1.0").is_ok());
-        let older = contract_compatible("1.0.0", "1.1.0").unwrap_err();
-        assert!(older.contains("1.0.0") && older.contains("older than this host's 1.1.0") && older.contains("rebuild"), "{older}");
-        let other = contract_compatible("2.0.0", "1.1.0").unwrap_err();
+    fn contract_versions_need_same_major_and_no_minor_older_than_the_oldest_loadable() {
+        assert!(contract_compatible("1.2.0", "1.2.0", "1.1.0").is_ok());
+        assert!(contract_compatible("1.1.0", "1.2.0", "1.1.0").is_ok());
+        assert!(contract_compatible("1.4.2", "1.2.0", "1.1.0").is_ok());
+        let older = contract_compatible("1.0.0", "1.2.0", "1.1.0").unwrap_err();
+        assert!(older.contains("1.0.0") && older.contains("older than the 1.1 this host's 1.2.0") && older.contains("rebuild"), "{older}");
+        let other = contract_compatible("2.0.0", "1.2.0", "1.1.0").unwrap_err();
         assert!(other.contains("2.0.0") && other.contains("needs contract 1.x"), "{other}");
-        assert!(contract_compatible("one", "1.1.0").unwrap_err().contains("not MAJOR.MINOR.PATCH"));
+        assert!(contract_compatible("one", "1.2.0", "1.1.0").unwrap_err().contains("not MAJOR.MINOR.PATCH"));
     }
 
     #[cfg(unix)]

@@ -6,6 +6,10 @@
 //! written and synced to disk. `OUT` itself only appears, complete, through the writer's final
 //! rename; a `kill -9` leaves the partial folder and nothing that looks finished.
 //!
+//! Syncing costs a wait on the disk, so finished modules are journaled in batches, at most
+//! [`JOURNAL_INTERVAL`] apart: a kill loses the modules of the last interval, which a resumed
+//! run redoes; a run shorter than that never waits for the disk before its final sync.
+//!
 //! With `--resume`, a partial folder whose fingerprint equals the new run's is continued: the
 //! modules in its journal are neither quantized nor written again. Any difference (input files,
 //! method or plugin, options, kvant itself) starts over, saying which part differs. Without
@@ -30,9 +34,12 @@ use crate::checkpoint::{Checkpoint, Resumable, CONFIG_FILE};
 const JOURNAL: &str = "kvant-journal.jsonl";
 /// Held (flock) by the run writing the partial folder.
 const LOCK: &str = "kvant.lock";
-/// Test hook: pause this many milliseconds after each journaled module, so that a test can
-/// kill the process at a known point.
+/// Test hook: journal every module at once and pause this many milliseconds after it, so that
+/// a test can kill the process at a known point.
 const PAUSE_ENV: &str = "KVANT_TEST_PAUSE_AFTER_MODULE_MS";
+
+/// Longest time finished modules wait to be synced and journaled.
+pub const JOURNAL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Test hook: the output writes fail, as on a full disk, after this many bytes.
 const FAIL_WRITES_ENV: &str = "KVANT_TEST_FAIL_AFTER_BYTES";
@@ -127,13 +134,21 @@ pub struct Done {
     /// What the closing report says about it (the lifecycle's `ModuleReport`), if anything.
     #[serde(default)]
     pub report: Value,
+    /// Byte lengths of those of its tensors whose length the method settled (variable-length
+    /// tensors of the plan), which the writer needs to finish the shard.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub lengths: BTreeMap<String, u64>,
 }
 
 /// The journal of the current run, holding the partial folder's lock.
 pub struct Journal {
     dir: PathBuf,
     file: File,
+    /// Modules on disk and in the journal.
     done: HashMap<String, Done>,
+    /// Modules written but not yet synced and journaled, since `last_sync`.
+    pending: Vec<Done>,
+    last_sync: std::time::Instant,
     pause: Option<std::time::Duration>,
     _lock: File,
 }
@@ -202,7 +217,15 @@ impl Journal {
             .open(&journal_path)
             .with_context(|| format!("cannot open {}", journal_path.display()))?;
         let pause = std::env::var(PAUSE_ENV).ok().and_then(|v| v.parse().ok()).map(std::time::Duration::from_millis);
-        Ok(Journal { dir, file, done: done.into_iter().map(|d| (d.module.clone(), d)).collect(), pause, _lock: lock })
+        Ok(Journal {
+            dir,
+            file,
+            done: done.into_iter().map(|d| (d.module.clone(), d)).collect(),
+            pending: Vec::new(),
+            last_sync: std::time::Instant::now(),
+            pause,
+            _lock: lock,
+        })
     }
 
     /// The writer's view of the partial folder: where it is, what is already in it.
@@ -210,6 +233,7 @@ impl Journal {
         Resumable {
             dir: self.dir.clone(),
             written: self.done.values().flat_map(|d| d.tensors.iter().cloned()).collect(),
+            lengths: self.done.values().flat_map(|d| d.lengths.iter().map(|(k, &v)| (k.clone(), v))).collect(),
             scratch: vec![JOURNAL.into(), LOCK.into()],
         }
     }
@@ -219,15 +243,27 @@ impl Journal {
         self.done.get(module)
     }
 
-    /// Records `entry` once its tensors are durable: `sync` (the writer's) runs first, then the
-    /// line is appended and synced.
+    /// Records `entry` once its tensors are durable: when [`JOURNAL_INTERVAL`] has passed since
+    /// the last time (at once under the test pause), `sync` (the writer's) runs, then the lines
+    /// of every module waiting are appended and synced.
     pub fn record(&mut self, entry: Done, sync: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.pending.push(entry);
+        if self.pause.is_none() && self.last_sync.elapsed() < JOURNAL_INTERVAL {
+            return Ok(());
+        }
         sync()?;
         let path = self.dir.join(JOURNAL);
-        writeln!(self.file, "{}", serde_json::to_string(&entry)?)
+        let mut lines = String::new();
+        for entry in &self.pending {
+            lines += &serde_json::to_string(entry)?;
+            lines.push('\n');
+        }
+        self.file
+            .write_all(lines.as_bytes())
             .and_then(|()| self.file.sync_data())
             .with_context(|| format!("cannot write {}", path.display()))?;
-        self.done.insert(entry.module.clone(), entry);
+        self.done.extend(self.pending.drain(..).map(|d| (d.module.clone(), d)));
+        self.last_sync = std::time::Instant::now();
         if let Some(pause) = self.pause {
             std::thread::sleep(pause);
         }

@@ -20,22 +20,23 @@ use std::time::Duration;
 use anyhow::{anyhow, Result};
 
 use crate::lifecycle::{QuantizeReport, QuantizeRequest};
-use kvant_plugin_api::ffi::MethodClient;
-use kvant_plugin_api::{Config, ModulePlan, Quantized, Tensor, TensorView};
+use kvant_plugin_api::ffi::{LentQuantized, MethodClient};
+use kvant_plugin_api::{Config, ModulePlan, Tensor, TensorView};
 
-/// `method.quantize` on one module without calibration, given up on after `timeout`.
-/// Without a timeout, the call is direct and nothing is copied.
+/// `method.quantize` on one module without calibration, given up on after `timeout`; the
+/// result stays in the plugin's memory. Without a timeout, the call is direct and nothing is
+/// copied.
 pub fn quantize(
     method: &Arc<MethodClient>,
     plan: &ModulePlan,
     views: &[TensorView<'_>],
     config: &Config,
     timeout: Option<Duration>,
-) -> Result<Quantized> {
+) -> Result<LentQuantized> {
     let name = &method.info().name;
     let failed = |e| anyhow!("method `{name}` failed on module `{}`: {e}", plan.name);
     let Some(timeout) = timeout else {
-        return method.quantize(plan, views, None, config).map_err(failed);
+        return method.quantize_lent(plan, views, None, config).map_err(failed);
     };
     // The thread may outlive this call (and the checkpoint's memory map): it owns what it reads.
     let owned: Vec<Tensor> = views
@@ -48,7 +49,7 @@ pub fn quantize(
         .name(format!("quantize {}", plan.name))
         .spawn(move || {
             let views: Vec<TensorView<'_>> = owned.iter().map(Tensor::view).collect();
-            let _ = tx.send(method_.quantize(&plan_, &views, None, &config_));
+            let _ = tx.send(method_.quantize_lent(&plan_, &views, None, &config_));
         })
         .map_err(|e| anyhow!("cannot start a thread for module `{}`: {e}", plan.name))?;
     match rx.recv_timeout(timeout) {

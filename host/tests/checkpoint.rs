@@ -972,3 +972,115 @@ fn large_tensors_stream_in_pieces_and_released_pages_read_back_the_same() {
     assert_eq!(view.data, big.data.as_slice());
     assert_same_tensors(&Checkpoint::open(src.path().join("out")).unwrap(), &[big]);
 }
+
+/// Two fixed tensors and two whose length is only known when written (bounds 200 and 10 elements).
+fn variable_plan() -> (Vec<TensorSpec>, Vec<Tensor>) {
+    let state = br#"{"quant_type": "nf4", "nested_offset": 0.49454465508461}"#.to_vec();
+    let written = vec![
+        Tensor::f32("m.weight", [2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+        Tensor { name: "m.weight.quant_state".into(), dtype: DType::U8, shape: vec![state.len()], data: state },
+        Tensor::from_slice("m.scales", DType::F16, [3], &[0x3c00u16, 0x4000, 0x4200]),
+        Tensor::from_slice("m.zeros", DType::U8, [5], &[1u8, 2, 3, 4, 5]),
+    ];
+    let specs = vec![
+        written[0].spec(),
+        TensorSpec::variable("m.weight.quant_state", DType::U8, 200),
+        TensorSpec::variable("m.scales", DType::F16, 10),
+        written[3].spec(),
+    ];
+    (specs, written)
+}
+
+#[test]
+fn variable_length_tensors_are_settled_at_finish_without_gaps() {
+    let (specs, tensors) = variable_plan();
+    for max_shard_bytes in [u64::MAX, 64] {
+        let parent = TempDir::new().unwrap();
+        let out = parent.path().join("out");
+        let options = WriterOptions { max_shard_bytes, ..WriterOptions::default() };
+        let writer = CheckpointWriter::create(&out, specs.clone(), options).unwrap();
+        // Planned with their bounds until written.
+        assert_eq!(writer.data_bytes(), 24 + 200 + 20 + 5);
+        for t in tensors.iter().rev() {
+            writer.write(&t.name, &t.data).unwrap();
+        }
+        assert_eq!(writer.settled_len("m.weight.quant_state"), Some(tensors[1].data.len() as u64));
+        assert_eq!(writer.settled_len("m.scales"), Some(6));
+        assert_eq!(writer.settled_len("m.weight"), None);
+        let total = 24 + tensors[1].data.len() as u64 + 6 + 5;
+        assert_eq!(writer.data_bytes(), total);
+        let shards = writer.shard_file_names().len();
+        writer.finish(&sample_config(), &[]).unwrap();
+
+        let checkpoint = Checkpoint::open(&out).unwrap();
+        assert_same_tensors(&checkpoint, &tensors);
+        assert_eq!(checkpoint.total_bytes(), total);
+        // The safetensors crate (what transformers loads with) accepts every shard: no gap
+        // between tensors, nothing after the last one.
+        for path in checkpoint.shard_paths() {
+            let bytes = fs::read(path).unwrap();
+            safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+        }
+        if shards > 1 {
+            let index: Value = serde_json::from_slice(&fs::read(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+            assert_eq!(index["metadata"]["total_size"], json!(total));
+        }
+    }
+}
+
+#[test]
+fn variable_length_tensors_must_fit_their_bound_in_whole_elements() {
+    let (specs, _) = variable_plan();
+    let parent = TempDir::new().unwrap();
+    let writer = CheckpointWriter::create(parent.path().join("out"), specs, WriterOptions::default()).unwrap();
+    let err = format!("{:#}", writer.write("m.weight.quant_state", &[b' '; 201]).unwrap_err());
+    assert_contains(&err, &["`m.weight.quant_state`", "201 bytes", "up to 200 bytes"]);
+    let err = format!("{:#}", writer.write("m.scales", &[0; 3]).unwrap_err());
+    assert_contains(&err, &["`m.scales`", "whole F16 elements"]);
+    // A refused write leaves the tensor writable.
+    writer.write("m.scales", &[0; 4]).unwrap();
+    let view = Tensor { name: "x".into(), dtype: DType::U8, shape: vec![3, 1], data: vec![0; 3] };
+    let err = format!("{:#}", writer.write_view("m.weight.quant_state", &view.view()).unwrap_err());
+    assert_contains(&err, &["`m.weight.quant_state`", "[3, 1]"]);
+}
+
+#[test]
+fn resumed_writer_settles_lengths_from_the_earlier_run() {
+    use kvant::checkpoint::Resumable;
+    let (specs, tensors) = variable_plan();
+    let parent = TempDir::new().unwrap();
+    let reference = parent.path().join("reference");
+    let writer = CheckpointWriter::create(&reference, specs.clone(), WriterOptions::default()).unwrap();
+    for t in &tensors {
+        writer.write(&t.name, &t.data).unwrap();
+    }
+    writer.finish(&sample_config(), &[]).unwrap();
+
+    let out = parent.path().join("out");
+    let dir = parent.path().join(".out.partial");
+    let resumable = |written: &[&str], lengths: &[(&str, u64)]| WriterOptions {
+        resumable: Some(Resumable {
+            dir: dir.clone(),
+            written: written.iter().map(|s| s.to_string()).collect(),
+            lengths: lengths.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            scratch: vec![],
+        }),
+        ..WriterOptions::default()
+    };
+    let first = CheckpointWriter::create(&out, specs.clone(), resumable(&[], &[])).unwrap();
+    first.write(&tensors[1].name, &tensors[1].data).unwrap();
+    first.write(&tensors[0].name, &tensors[0].data).unwrap();
+    first.sync_data().unwrap();
+    let len = first.settled_len(&tensors[1].name).unwrap();
+    drop(first);
+
+    let err = CheckpointWriter::create(&out, specs.clone(), resumable(&["m.weight", "m.weight.quant_state"], &[])).unwrap_err();
+    assert_contains(&format!("{err:#}"), &["length of `m.weight.quant_state`", "cannot resume"]);
+    let second =
+        CheckpointWriter::create(&out, specs, resumable(&["m.weight", "m.weight.quant_state"], &[("m.weight.quant_state", len)]))
+            .unwrap();
+    second.write(&tensors[2].name, &tensors[2].data).unwrap();
+    second.write(&tensors[3].name, &tensors[3].data).unwrap();
+    second.finish(&sample_config(), &[]).unwrap();
+    assert_eq!(fs::read(out.join("model.safetensors")).unwrap(), fs::read(reference.join("model.safetensors")).unwrap());
+}

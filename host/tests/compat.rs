@@ -1,12 +1,14 @@
-//! The compatibility policy (README) against plugins built from edited copies of plugin-api:
-//! a newer minor contract that appended a root-module field loads and works; a plugin whose
-//! types differ from the version it declares is refused, saying so. (Another major is refused
-//! too: plugins.rs, fixture old-contract.)
+//! The compatibility policy (README) against plugins built from other copies of plugin-api:
+//! a newer minor contract that appended a root-module field loads and works; a plugin built
+//! against contract 1.1 (plugin-api and the template as of the last 1.1 commit) loads and passes
+//! `kvant plugin check` in this 1.2 host; a plugin whose types differ from the version it
+//! declares is refused, saying so. (Another major is refused too: plugins.rs, fixture
+//! old-contract.)
 //!
-//! Not covered: an older minor. A plugin built against contract 1.0.0 (plugin-api before
-//! `quantize_group`) is refused by the 1.1.0 host, against the policy: abi_stable accepts a
-//! library whose prefix types have at least the loader's fields, never fewer, so the method
-//! vtable with one entry fewer fails its layout check ("too many fields").
+//! Not covered: contract 1.0. Its plugins (plugin-api before `quantize_group`) are refused with
+//! both versions and the remedy: abi_stable accepts a library whose prefix types have at least
+//! the loader's fields, never fewer, so the method vtable with one entry fewer would fail its
+//! layout check ("too many fields").
 
 #[allow(dead_code)]
 mod common;
@@ -23,11 +25,20 @@ fn replace(file: &Path, from: &str, to: &str) {
     std::fs::write(file, text.replace(from, to)).unwrap();
 }
 
+/// The last commit of contract 1.1 (before 1.2 added JSON fields with defaults).
+const CONTRACT_1_1_COMMIT: &str = "fd07d9cbaa3b809d097ca81fa6558d11e9152526";
+
 /// Builds plugins/template against a copy of plugin-api edited by `edit` (given the copy's
 /// `src`), in `dir`; returns the library, moved into `dir/plugins.d`.
 fn template_against_edited_api(dir: &Path, crate_name: &str, edit: impl FnOnce(&Path)) -> PathBuf {
+    template_from(&repo_root(), dir, crate_name, edit)
+}
+
+/// [`template_against_edited_api`] with plugin-api's and the template's sources taken from
+/// `sources` (a repository checkout or an extracted commit).
+fn template_from(sources: &Path, dir: &Path, crate_name: &str, edit: impl FnOnce(&Path)) -> PathBuf {
     let api = dir.join("plugin-api");
-    copy_dir(&repo_root().join("plugin-api/src"), &api.join("src"));
+    copy_dir(&sources.join("plugin-api/src"), &api.join("src"));
     // The workspace's inherited keys, spelled out for a crate of its own.
     let manifest = std::fs::read_to_string(repo_root().join("plugin-api/Cargo.toml")).unwrap();
     let root = std::fs::read_to_string(repo_root().join("Cargo.toml")).unwrap();
@@ -48,7 +59,7 @@ fn template_against_edited_api(dir: &Path, crate_name: &str, edit: impl FnOnce(&
     edit(&api.join("src"));
 
     let plugin = dir.join(crate_name);
-    copy_dir(&repo_root().join("plugins/template/src"), &plugin.join("src"));
+    copy_dir(&sources.join("plugins/template/src"), &plugin.join("src"));
     let manifest = std::fs::read_to_string(repo_root().join("plugins/template/Cargo.toml"))
         .unwrap()
         .replace("name = \"kvant-template\"", &format!("name = \"{crate_name}\""))
@@ -105,6 +116,32 @@ fn a_newer_minor_with_an_appended_root_field_loads_and_runs() {
     let listed = list(lib.parent().unwrap());
     assert!(listed.contains(&format!("from drop-in: {}", lib.display())), "{listed}");
     assert!(listed.contains("absmax-int8") && !listed.contains("BROKEN"), "{listed}");
+}
+
+#[test]
+fn a_plugin_built_against_contract_1_1_loads_and_passes_the_check() {
+    let tmp = TempDir::new().unwrap();
+    let old = tmp.path().join("repo-1.1");
+    std::fs::create_dir_all(&old).unwrap();
+    let archive = Command::new("git")
+        .current_dir(repo_root())
+        .args(["archive", "--format=tar", CONTRACT_1_1_COMMIT, "plugin-api/src", "plugins/template/src"])
+        .output()
+        .unwrap();
+    assert!(archive.status.success(), "git archive {CONTRACT_1_1_COMMIT}: {}", text(&archive.stderr));
+    let mut tar = Command::new("tar").current_dir(&old).arg("-x").stdin(std::process::Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(tar.stdin.as_mut().unwrap(), &archive.stdout).unwrap();
+    assert!(tar.wait().unwrap().success());
+    let lib_rs = std::fs::read_to_string(old.join("plugin-api/src/lib.rs")).unwrap();
+    assert!(lib_rs.contains("pub const CONTRACT_VERSION: &str = \"1.1.0\";"), "{CONTRACT_1_1_COMMIT} is not contract 1.1.0");
+
+    let lib = template_from(&old, tmp.path(), "contract-one-one", |_| {});
+    let listed = list(lib.parent().unwrap());
+    assert!(listed.contains("absmax-int8") && !listed.contains("BROKEN"), "{listed}");
+    // Its MethodInfo has no forward_tolerance: the default applies.
+    let check = Command::new(env!("CARGO_BIN_EXE_kvant")).args(["plugin", "check"]).arg(&lib).output().unwrap();
+    assert!(check.status.success(), "{}{}", text(&check.stdout), text(&check.stderr));
+    assert!(text(&check.stdout).contains("<= 1e-3"), "{}", text(&check.stdout));
 }
 
 #[test]

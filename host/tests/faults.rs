@@ -16,29 +16,36 @@ use kvant_plugin_api::DType;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
-/// A model, a registry with rtn, and room for outputs.
+/// A model, a registry with rtn (and bnb), and room for outputs.
 struct Setup {
     tmp: TempDir,
     model: PathBuf,
     registry: PathBuf,
+    /// The method and its options, given one setting that tests vary.
+    method: fn(u32) -> Vec<String>,
 }
 
 fn setup() -> Setup {
+    setup_for(|bits| ["--method", "rtn", "--set", &format!("bits={bits}"), "--set", "group_size=32"].map(String::from).into())
+}
+
+fn setup_for(method: fn(u32) -> Vec<String>) -> Setup {
     let tmp = TempDir::new().unwrap();
     let model = tmp.path().join("model");
     write_llama(&model, DType::F32, 11);
-    let registry = registry_for(tmp.path(), &[("rtn", Plugin::Rtn)]);
-    Setup { tmp, model, registry }
+    let registry = registry_for(tmp.path(), &[("rtn", Plugin::Rtn), ("bnb-nf4", Plugin::Bnb)]);
+    Setup { tmp, model, registry, method }
 }
 
 impl Setup {
-    fn command(&self, out: &Path, bits: u32, extra: &[&str]) -> Command {
+    fn command(&self, out: &Path, setting: u32, extra: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvant"));
         cmd.arg("--registry")
             .arg(&self.registry)
             .args(["--threads", "2", "quantize"])
             .arg(&self.model)
-            .args(["--method", "rtn", "--set", &format!("bits={bits}"), "--set", "group_size=32", "-o"])
+            .args((self.method)(setting))
+            .arg("-o")
             .arg(out)
             .args(extra)
             .env_remove("KVANT_REGISTRY")
@@ -124,6 +131,35 @@ fn killed_runs_resume_to_the_bytes_of_an_uninterrupted_run() {
     assert!(text(&resumed.stdout).contains("4 converted"), "{}", text(&resumed.stdout));
     assert_eq!(files(&out), files(&reference), "the resumed output differs from an uninterrupted run");
     assert!(!partial_dir(&out).exists());
+}
+
+#[test]
+fn killed_runs_with_lengths_settled_by_the_method_resume_to_the_same_bytes() {
+    // bnb-nf4 with double quant plans its quant_state JSON with a variable length (it holds an
+    // offset found while quantizing): the journal keeps the lengths the killed run wrote.
+    let s = setup_for(|blocksize| {
+        ["--method", "bnb-nf4", "--set", "bnb_4bit_use_double_quant=true", "--set", &format!("bnb_4bit_blocksize={blocksize}")]
+            .map(String::from)
+            .into()
+    });
+    let reference = s.tmp.path().join("reference");
+    let done = s.run(&reference, 32, &[]);
+    assert!(done.status.success(), "{}", text(&done.stderr));
+    let out = s.tmp.path().join("out");
+    kill_after(&s, &out, 32, 3, &[]);
+    let journal = std::fs::read_to_string(partial_dir(&out).join("kvant-journal.jsonl")).unwrap();
+    assert!(journal.contains("\"lengths\":{\"model.layers.0.") && journal.contains("quant_state.bitsandbytes__nf4\":"), "{journal}");
+    let resumed = s.run(&out, 32, &["--resume"]);
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+    assert_eq!(files(&out), files(&reference), "the resumed output differs from an uninterrupted run");
+
+    // Exactly bitsandbytes' JSON, no padding, and the file is whole for the safetensors crate.
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let state = st.tensor("model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4").unwrap();
+    let text = std::str::from_utf8(state.data()).unwrap();
+    assert!(text.starts_with("{\"quant_type\": \"nf4\", \"blocksize\": 32,") && text.ends_with('}'), "{text:?}");
+    assert!(text.contains("\"nested_offset\": ") && !text.contains("  ") && !text.ends_with(" }"), "{text:?}");
 }
 
 #[test]

@@ -73,9 +73,52 @@ impl FfiQuantized {
     }
 
     fn into_quantized(self, method: &str) -> Result<Quantized, Error> {
+        Ok(self.lend(method)?.into_quantized())
+    }
+
+    /// Checks the answer and keeps it where the plugin allocated it.
+    fn lend(self, method: &str) -> Result<LentQuantized, Error> {
         let extras: QuantizedExtras = parse_reply(method, "quantize result", self.extras)?;
-        let tensors = self.tensors.into_iter().map(FfiTensor::into_tensor).collect::<Result<_, _>>()?;
-        Ok(Quantized { tensors, loss: extras.loss, input_scale: extras.input_scale })
+        let dtypes = self
+            .tensors
+            .iter()
+            .map(|t| dtype_from_code(t.dtype).map_err(|e| Error::new(format!("method `{method}`, tensor `{}`: {e}", t.name))))
+            .collect::<Result<_, _>>()?;
+        Ok(LentQuantized { tensors: self.tensors, dtypes, loss: extras.loss, input_scale: extras.input_scale })
+    }
+}
+
+/// What `quantize` returned, left in the plugin's own allocations and lent out as views.
+/// Moving a plugin's vector into a host `Vec` copies it (abi_stable frees memory in the library
+/// that allocated it), which for packed weights costs a pass over an eighth of the input or more.
+pub struct LentQuantized {
+    tensors: RVec<FfiTensor>,
+    dtypes: Vec<DType>,
+    /// The method's own loss ([`Quantized::loss`]).
+    pub loss: Option<f64>,
+    /// Factors to fold into the producing op ([`Quantized::input_scale`]).
+    pub input_scale: Option<Vec<f32>>,
+}
+
+impl LentQuantized {
+    /// The tensors, in the order the method returned them.
+    pub fn views(&self) -> Vec<TensorView<'_>> {
+        self.tensors
+            .iter()
+            .zip(&self.dtypes)
+            .map(|(t, &dtype)| TensorView { name: t.name.as_str(), dtype, shape: &t.shape, data: &t.data })
+            .collect()
+    }
+
+    /// Owned copies, for callers that keep the tensors.
+    pub fn into_quantized(self) -> Quantized {
+        let tensors = self
+            .tensors
+            .into_iter()
+            .zip(self.dtypes)
+            .map(|(t, dtype)| Tensor { name: t.name.into(), dtype, shape: t.shape.into(), data: t.data.into() })
+            .collect();
+        Quantized { tensors, loss: self.loss, input_scale: self.input_scale }
     }
 }
 
@@ -116,15 +159,6 @@ impl<'a> FfiTensorRef<'a> {
 impl FfiTensor {
     fn new(t: Tensor) -> Self {
         FfiTensor { name: t.name.into(), dtype: t.dtype as u8, shape: t.shape.into(), data: t.data.into() }
-    }
-
-    fn into_tensor(self) -> Result<Tensor, Error> {
-        Ok(Tensor {
-            dtype: dtype_from_code(self.dtype)?,
-            name: self.name.into(),
-            shape: self.shape.into(),
-            data: self.data.into(),
-        })
     }
 }
 
@@ -621,7 +655,7 @@ impl MethodClient {
         tensors.iter().map(FfiTensorRef::new).collect()
     }
 
-    /// [`QuantMethod::quantize`].
+    /// [`QuantMethod::quantize`], with the tensors copied into host memory.
     pub fn quantize(
         &self,
         module: &ModulePlan,
@@ -629,6 +663,18 @@ impl MethodClient {
         observer: Option<&ObserverHandle<'_>>,
         config: &Config,
     ) -> Result<Quantized, Error> {
+        Ok(self.quantize_lent(module, tensors, observer, config)?.into_quantized())
+    }
+
+    /// [`QuantMethod::quantize`], the tensors left in the plugin's memory (no copy), as
+    /// [`dequantize_with`](Self::dequantize_with) does for dequantize.
+    pub fn quantize_lent(
+        &self,
+        module: &ModulePlan,
+        tensors: &[TensorView<'_>],
+        observer: Option<&ObserverHandle<'_>>,
+        config: &Config,
+    ) -> Result<LentQuantized, Error> {
         let m = serde_json::to_string(module).expect("plan serialises");
         let config = Self::config_json(config);
         let wire = Self::tensors_on_wire(tensors);
@@ -638,7 +684,7 @@ impl MethodClient {
             .quantize(m.as_str().into(), config.as_str().into(), wire.as_slice().into(), handle)
             .into_result()
             .map_err(wire_err)?;
-        q.into_quantized(self.name())
+        q.lend(self.name())
     }
 
     /// [`QuantMethod::quantize_group`]: `members[i]` with its `tensors[i]` and `observers[i]`.

@@ -27,7 +27,7 @@ pub mod tensor;
 pub use config::{Config, ConfigProblem, OptionKind, OptionSpec};
 pub use method::{
     Environment, Flags, MethodInfo, Module, ModuleKind, ModulePlan, ModuleTensors, NoCalibration, Observer, Plan,
-    QuantMethod, Quantized, Result, Skeleton, Summary,
+    QuantMethod, Quantized, Result, Skeleton, Summary, DEFAULT_FORWARD_TOLERANCE,
 };
 pub use runtime::{progress, threads};
 pub use tensor::{DType, Tensor, TensorSpec, TensorView};
@@ -37,7 +37,16 @@ pub use tensor::{DType, Tensor, TensorSpec, TensorView};
 ///
 /// 1.1: [`Plan::fold_input_scales`] and [`QuantMethod::quantize_group`] (the `quantize_group`
 /// entry appended to the method vtable).
-pub const CONTRACT_VERSION: &str = "1.1.0";
+///
+/// 1.2: [`TensorSpec::variable_length`], [`MethodInfo::forward_tolerance`] and
+/// [`MethodInfo::read_only`]: JSON fields with defaults, the method vtable unchanged.
+pub const CONTRACT_VERSION: &str = "1.2.0";
+
+/// The oldest contract of this major whose plugins a host of [`CONTRACT_VERSION`] loads: the
+/// wire types have not changed since 1.1 (1.2 only added JSON fields with defaults), so
+/// plugins built against 1.1 keep working. An older minor lacks method-table entries, which
+/// abi_stable's layout check refuses.
+pub const OLDEST_LOADABLE_CONTRACT: &str = "1.1.0";
 
 /// An error a plugin reports to the host: a message meant for the user. Name the module,
 /// tensor or option at fault; the host adds the method and file.

@@ -48,6 +48,25 @@ pub struct MethodInfo {
     /// Largest relative Frobenius error of `dequantize(quantize(W))` against `W` that
     /// `kvant plugin check` accepts on Gaussian random weights with the default options.
     pub tolerance: f32,
+    /// Largest relative Frobenius difference between `forward` and dequantize + dense matrix
+    /// product that `kvant plugin check` accepts, on Gaussian inputs (contract 1.2; absent:
+    /// [`DEFAULT_FORWARD_TOLERANCE`], summation order only). A forward that does more than
+    /// reorder the sums, such as LLM.int8's, which also rounds the inputs to int8, declares what
+    /// that costs, and says why in a comment.
+    #[serde(default = "default_forward_tolerance")]
+    pub forward_tolerance: f32,
+    /// The method only reads checkpoints quantized elsewhere (GGUF): planning refuses every
+    /// module with a message, `is_serializable` is false, and `kvant plugin check` checks that
+    /// refusal instead of a round trip (contract 1.2; absent: false).
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// The `forward` tolerance of methods that declare none: float sums in another order.
+pub const DEFAULT_FORWARD_TOLERANCE: f32 = 1e-3;
+
+fn default_forward_tolerance() -> f32 {
+    DEFAULT_FORWARD_TOLERANCE
 }
 
 /// The flags `HfQuantizer` subclasses declare.

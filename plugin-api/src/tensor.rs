@@ -141,20 +141,48 @@ pub struct TensorSpec {
     pub dtype: DType,
     /// Shape, outermost dimension first. A scalar has an empty shape.
     pub shape: Vec<usize>,
+    /// Set in a plan for a 1-D tensor whose length only `quantize` settles (contract 1.2), such
+    /// as JSON text that holds a number found while quantizing: `shape` is then `[max]`, the
+    /// most elements it may have, and `quantize` may return any length up to it. Build it with
+    /// [`TensorSpec::variable`]. A 1.1 host ignores the flag and refuses a shorter tensor, so a
+    /// method that plans one declares `host:>=1.2` in `required_packages`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub variable_length: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl TensorSpec {
-    /// Builds a spec.
+    /// Builds a spec of a fixed shape.
     pub fn new(name: impl Into<String>, dtype: DType, shape: impl Into<Vec<usize>>) -> Self {
-        TensorSpec { name: name.into(), dtype, shape: shape.into() }
+        TensorSpec { name: name.into(), dtype, shape: shape.into(), variable_length: false }
     }
 
-    /// Number of elements (1 for a scalar).
+    /// Builds the spec of a 1-D tensor of at most `max_len` elements, its length settled by
+    /// `quantize` (see [`variable_length`](Self::variable_length)).
+    pub fn variable(name: impl Into<String>, dtype: DType, max_len: usize) -> Self {
+        TensorSpec { name: name.into(), dtype, shape: vec![max_len], variable_length: true }
+    }
+
+    /// True when a tensor of `dtype` and `shape` is what this spec announces: the same dtype and
+    /// shape, or for a variable-length spec a 1-D shape no longer than the bound.
+    pub fn admits(&self, dtype: DType, shape: &[usize]) -> bool {
+        dtype == self.dtype
+            && match (self.variable_length, shape, self.shape.as_slice()) {
+                (true, [len], [max]) => len <= max,
+                (true, _, _) => false,
+                (false, _, _) => shape == self.shape.as_slice(),
+            }
+    }
+
+    /// Number of elements (1 for a scalar); the bound for a variable-length spec.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
 
-    /// Size of the data in bytes.
+    /// Size of the data in bytes; the most it may take for a variable-length spec.
     pub fn byte_len(&self) -> usize {
         self.numel() * self.dtype.size()
     }
@@ -329,6 +357,21 @@ mod tests {
         // 1 + 2^-8 lies exactly between two bf16 values; the even one is 1.0.
         let x = 1.0f32 + 2f32.powi(-8);
         assert_eq!(to_f32(DType::BF16, &from_f32(DType::BF16, &[x])), [1.0]);
+    }
+
+    #[test]
+    fn variable_length_specs_admit_shorter_1d_tensors_only() {
+        let fixed = TensorSpec::new("scales", DType::F16, [4, 2]);
+        assert!(fixed.admits(DType::F16, &[4, 2]));
+        assert!(!fixed.admits(DType::F16, &[8]) && !fixed.admits(DType::F32, &[4, 2]));
+        let state = TensorSpec::variable("quant_state", DType::U8, 200);
+        assert!(state.variable_length && state.byte_len() == 200);
+        assert!(state.admits(DType::U8, &[181]) && state.admits(DType::U8, &[200]) && state.admits(DType::U8, &[0]));
+        assert!(!state.admits(DType::U8, &[201]) && !state.admits(DType::U8, &[10, 1]) && !state.admits(DType::I8, &[5]));
+        // Fixed specs keep the 1.1 JSON; variable ones say so.
+        assert_eq!(serde_json::to_string(&fixed).unwrap(), r#"{"name":"scales","dtype":"F16","shape":[4,2]}"#);
+        let back: TensorSpec = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+        assert_eq!(back, state);
     }
 
     #[test]

@@ -5,6 +5,12 @@
 //! positioned writes. Everything lands in a temporary folder beside the output, which is renamed
 //! into place only once complete and synced: an interrupted run never leaves an output that
 //! looks finished.
+//!
+//! A tensor planned with a variable length (`TensorSpec::variable_length`, known only once a
+//! plugin quantized it) gets room for its bound at the end of its shard, after every fixed-size
+//! tensor. `finish` moves such tensors down over the unused room, rewrites the header with their
+//! real shapes (padded with spaces to its planned size, which safetensors allows) and truncates
+//! the file, so the output has no gaps, as safetensors requires.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -49,6 +55,8 @@ pub struct Resumable {
     /// Tensors an earlier run wrote and synced there. When not empty, the shards are reopened
     /// (and must have exactly the planned headers and sizes) instead of recreated.
     pub written: HashSet<String>,
+    /// Byte lengths of the variable-length tensors among `written`.
+    pub lengths: HashMap<String, u64>,
     /// Files of `dir` that are not output (journal, lock): deleted before the folder is installed.
     pub scratch: Vec<String>,
 }
@@ -79,6 +87,10 @@ struct ShardFile {
     file_name: String,
     path: PathBuf,
     file: File,
+    /// Bytes of the length field and header planned at creation.
+    prefix_len: usize,
+    /// Its slots, in file order (indices into `slots`).
+    slots: std::ops::Range<usize>,
 }
 
 /// Where one planned tensor goes and whether it has been written.
@@ -87,6 +99,19 @@ struct Slot {
     shard: usize,
     file_offset: u64,
     state: AtomicU8,
+    /// Bytes written: the planned size, or for a variable-length tensor what it turned out to be.
+    len: AtomicU64,
+}
+
+impl Slot {
+    /// The tensor's spec with its real shape once a variable length is settled.
+    fn settled_spec(&self) -> TensorSpec {
+        let len = self.len.load(Ordering::Acquire) as usize;
+        match self.spec.variable_length {
+            true => TensorSpec::new(self.spec.name.clone(), self.spec.dtype, [len / self.spec.dtype.size()]),
+            false => self.spec.clone(),
+        }
+    }
 }
 
 /// A checkpoint being written. Create it with the complete output plan, [`write`] every tensor
@@ -193,12 +218,19 @@ impl CheckpointWriter {
         let shard_count = groups.len();
         for (shard, mut group) in groups.into_iter().enumerate() {
             // Widest elements first keeps every tensor aligned to its element size, so F32
-            // views of a memory map need no copy.
-            group.sort_by_key(|spec| std::cmp::Reverse(spec.dtype.size()));
+            // views of a memory map need no copy. Variable lengths go last: only they move
+            // at `finish`.
+            group.sort_by_key(|spec| (spec.variable_length, std::cmp::Reverse(spec.dtype.size())));
             writer.add_shard(shard, shard_count, group, reopen)?;
         }
         for name in &resumable.written {
             let slot = writer.slot(name)?;
+            if slot.spec.variable_length {
+                let len = resumable.lengths.get(name).copied().with_context(|| {
+                    format!("the journal of {} does not give the length of `{name}`; cannot resume", writer.temp_dir.display())
+                })?;
+                writer.settle_len(slot, len as usize)?;
+            }
             slot.state.store(DONE, Ordering::Release);
         }
         Ok(writer)
@@ -223,8 +255,14 @@ impl CheckpointWriter {
         let file = if reopen {
             reopen_shard(&path, &prefix, file_len)?
         } else {
-            let file =
-                File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+            // Readable too: `finish` moves variable-length tensors within the file.
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
             file.set_len(file_len)
                 .with_context(|| format!("cannot pre-size {} to {file_len} bytes", path.display()))?;
             self.write_all_at(&file, &path, 0, &prefix)?;
@@ -232,6 +270,7 @@ impl CheckpointWriter {
         };
 
         let mut file_offset = prefix.len() as u64;
+        let first = self.slots.len();
         for spec in specs {
             let len = spec.byte_len() as u64;
             self.by_name.insert(spec.name.clone(), self.slots.len());
@@ -240,6 +279,7 @@ impl CheckpointWriter {
                 shard,
                 file_offset,
                 state: AtomicU8::new(PENDING),
+                len: AtomicU64::new(len),
             });
             file_offset += len;
         }
@@ -247,6 +287,8 @@ impl CheckpointWriter {
             file_name,
             path,
             file,
+            prefix_len: prefix.len(),
+            slots: first..self.slots.len(),
         });
         Ok(())
     }
@@ -274,10 +316,37 @@ impl CheckpointWriter {
     }
 
     /// Writes the data of planned tensor `name` at its place. Fails if the name is not in the
-    /// plan, the length is not the planned one, the tensor was already written, or the disk
-    /// refuses the write.
+    /// plan, the length is not the planned one (or, for a variable length, over the bound or
+    /// not whole elements), the tensor was already written, or the disk refuses the write.
     pub fn write(&self, name: &str, data: &[u8]) -> Result<()> {
         self.write_in_pieces(name, data, |_| {})
+    }
+
+    /// The byte length of a written variable-length tensor (what a journal must keep to resume);
+    /// `None` for fixed-size or unwritten tensors.
+    pub fn settled_len(&self, name: &str) -> Option<u64> {
+        let slot = self.slot(name).ok()?;
+        (slot.spec.variable_length && slot.state.load(Ordering::Acquire) == DONE).then(|| slot.len.load(Ordering::Acquire))
+    }
+
+    /// Tensor bytes the output holds: planned sizes, with variable lengths as written so far
+    /// (their bounds until then).
+    pub fn data_bytes(&self) -> u64 {
+        self.slots.iter().map(|s| s.len.load(Ordering::Acquire)).sum()
+    }
+
+    fn settle_len(&self, slot: &Slot, len: usize) -> Result<()> {
+        let size = slot.spec.dtype.size();
+        if len > slot.spec.byte_len() || len % size != 0 {
+            bail!(
+                "tensor `{}` has {len} bytes, but the output plan allows whole {} elements up to {} bytes",
+                slot.spec.name,
+                slot.spec.dtype,
+                slot.spec.byte_len()
+            );
+        }
+        slot.len.store(len as u64, Ordering::Release);
+        Ok(())
     }
 
     /// [`write`](Self::write) in positioned writes of at most 16 MiB, calling
@@ -285,7 +354,7 @@ impl CheckpointWriter {
     /// can release the pages it will not read again, so that a large tensor is never resident whole.
     pub fn write_in_pieces(&self, name: &str, data: &[u8], mut after_piece: impl FnMut(&[u8])) -> Result<()> {
         let slot = self.slot(name)?;
-        if data.len() != slot.spec.byte_len() {
+        if !slot.spec.variable_length && data.len() != slot.spec.byte_len() {
             bail!(
                 "tensor `{name}` has {} bytes, but the output plan says {} {:?} = {} bytes",
                 data.len(),
@@ -300,6 +369,12 @@ impl CheckpointWriter {
             .is_err()
         {
             bail!("tensor `{name}` was written twice; each output tensor must be written once");
+        }
+        if slot.spec.variable_length {
+            if let Err(e) = self.settle_len(slot, data.len()) {
+                slot.state.store(PENDING, Ordering::Release);
+                return Err(e);
+            }
         }
         let shard = &self.shards[slot.shard];
         let written = data.chunks(PIECE).enumerate().try_for_each(|(i, piece)| {
@@ -331,7 +406,7 @@ impl CheckpointWriter {
     /// [`write_view`](Self::write_view) through [`write_in_pieces`](Self::write_in_pieces).
     pub fn write_view_in_pieces(&self, full_name: &str, view: &TensorView<'_>, after_piece: impl FnMut(&[u8])) -> Result<()> {
         let planned = &self.slot(full_name)?.spec;
-        if view.dtype != planned.dtype || view.shape != planned.shape.as_slice() {
+        if !planned.admits(view.dtype, view.shape) {
             bail!(
                 "tensor `{full_name}` is {} {:?}, but the output plan says {} {:?}",
                 view.dtype,
@@ -394,6 +469,9 @@ impl CheckpointWriter {
         }
 
         for shard in &self.shards {
+            self.settle_variable_lengths(shard)?;
+        }
+        for shard in &self.shards {
             shard
                 .file
                 .sync_all()
@@ -421,6 +499,44 @@ impl CheckpointWriter {
         Ok(())
     }
 
+    /// Moves the shard's variable-length tensors down over the room their bounds left unused,
+    /// rewrites its header with their real shapes and cuts the file after the last byte.
+    /// (Room is kept at the end of the shard, so no fixed-size tensor moves.)
+    fn settle_variable_lengths(&self, shard: &ShardFile) -> Result<()> {
+        let slots = &self.slots[shard.slots.clone()];
+        if !slots.iter().any(|s| s.spec.variable_length) {
+            return Ok(());
+        }
+        let mut cursor = shard.prefix_len as u64;
+        for slot in slots {
+            let len = slot.len.load(Ordering::Acquire);
+            if slot.file_offset != cursor {
+                // Each tensor moves down by at most the room left by those before it, never onto
+                // bytes of a later tensor not yet moved.
+                let mut data = vec![0; len as usize];
+                positioned_read(&shard.file, &mut data, slot.file_offset)
+                    .with_context(|| format!("cannot read back `{}` from {}", slot.spec.name, shard.path.display()))?;
+                self.write_all_at(&shard.file, &shard.path, cursor, &data)?;
+            }
+            cursor += len;
+        }
+        let specs: Vec<TensorSpec> = slots.iter().map(Slot::settled_spec).collect();
+        let mut prefix = header::serialize(&specs);
+        // The real shapes and offsets have no more digits than the bounds the header was planned
+        // with; spaces after the JSON keep its planned size.
+        let json_len = shard.prefix_len - 8;
+        if prefix.len() > shard.prefix_len {
+            bail!("the settled header of {} outgrew its planned {} bytes", shard.path.display(), shard.prefix_len);
+        }
+        prefix.resize(shard.prefix_len, b' ');
+        prefix[..8].copy_from_slice(&(json_len as u64).to_le_bytes());
+        self.write_all_at(&shard.file, &shard.path, 0, &prefix)?;
+        shard
+            .file
+            .set_len(cursor)
+            .with_context(|| format!("cannot cut {} to {cursor} bytes", shard.path.display()))
+    }
+
     /// `model.safetensors.index.json` as transformers writes it: sorted keys, indent 2.
     fn index_json(&self) -> Vec<u8> {
         let weight_map: BTreeMap<&str, &str> = self
@@ -433,7 +549,7 @@ impl CheckpointWriter {
                 )
             })
             .collect();
-        let total_size: u64 = self.slots.iter().map(|s| s.spec.byte_len() as u64).sum();
+        let total_size = self.data_bytes();
         let index = serde_json::json!({
             "metadata": { "total_size": total_size },
             "weight_map": weight_map,
@@ -681,6 +797,25 @@ fn check_output_replaceable(
 #[cfg(unix)]
 fn positioned_write(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
     std::os::unix::fs::FileExt::write_all_at(file, data, offset)
+}
+
+#[cfg(unix)]
+fn positioned_read(file: &File, data: &mut [u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, data, offset)
+}
+
+#[cfg(windows)]
+fn positioned_read(file: &File, mut data: &mut [u8], mut offset: u64) -> io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !data.is_empty() {
+        let n = file.seek_read(data, offset)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "failed to fill whole buffer"));
+        }
+        data = &mut data[n..];
+        offset += n as u64;
+    }
+    Ok(())
 }
 
 #[cfg(windows)]

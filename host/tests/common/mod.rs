@@ -27,10 +27,13 @@ pub enum Plugin {
     DupRtn,
     /// `slow`: quantize hangs on `down_proj` modules.
     Slow,
+    /// The bitsandbytes plugin of the workspace (`bnb-nf4`, `bnb-fp4`, `bnb-int8`).
+    Bnb,
 }
 
 impl Plugin {
-    const ALL: [Plugin; 6] = [Plugin::Rtn, Plugin::Panicky, Plugin::BadOutput, Plugin::OldContract, Plugin::DupRtn, Plugin::Slow];
+    const ALL: [Plugin; 7] =
+        [Plugin::Rtn, Plugin::Panicky, Plugin::BadOutput, Plugin::OldContract, Plugin::DupRtn, Plugin::Slow, Plugin::Bnb];
 
     /// The library's crate name, as in its file name.
     fn lib_name(self) -> &'static str {
@@ -41,6 +44,7 @@ impl Plugin {
             Plugin::OldContract => "fixture_old_contract",
             Plugin::DupRtn => "fixture_dup_rtn",
             Plugin::Slow => "fixture_slow",
+            Plugin::Bnb => "kvant_bnb",
         }
     }
 
@@ -53,6 +57,7 @@ impl Plugin {
             Plugin::OldContract => vec!["--manifest-path", "tests/fixtures/plugins/old-contract/Cargo.toml"],
             Plugin::DupRtn => vec!["--manifest-path", "tests/fixtures/plugins/dup-rtn/Cargo.toml"],
             Plugin::Slow => vec!["--manifest-path", "tests/fixtures/plugins/slow/Cargo.toml"],
+            Plugin::Bnb => vec!["-p", "kvant-bnb"],
         }
     }
 

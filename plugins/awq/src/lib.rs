@@ -124,6 +124,8 @@ impl QuantMethod for Awq {
                 OptionSpec::string_list("modules_to_not_convert", true, "module name parts left dense"),
             ],
             tolerance: 0.2,
+            forward_tolerance: kvant_plugin_api::DEFAULT_FORWARD_TOLERANCE,
+            read_only: false,
         }
     }
 

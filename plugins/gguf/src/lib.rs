@@ -85,6 +85,9 @@ impl QuantMethod for Gguf {
             options: vec![],
             // Dequantization is exact; there is no quantize to measure against.
             tolerance: f32::EPSILON,
+            forward_tolerance: kvant_plugin_api::DEFAULT_FORWARD_TOLERANCE,
+            // Reads GGUF only: planning refuses, and `kvant plugin check` checks that refusal.
+            read_only: true,
         }
     }
 

@@ -151,6 +151,8 @@ impl QuantMethod for Hqq {
                 OptionSpec::choice("compute_dtype", "", &["float16", "bfloat16", "float32"], "dtype of scale, zero and bias (default: the weight's)").optional(),
             ],
             tolerance: 0.15,
+            forward_tolerance: kvant_plugin_api::DEFAULT_FORWARD_TOLERANCE,
+            read_only: false,
         }
     }
 

@@ -18,7 +18,7 @@ mod packing;
 
 use kvant_plugin_api::{
     dense, export_plugin, Config, ConfigProblem, DType, Error, Flags, MethodInfo, Module, ModulePlan, ModuleTensors,
-    NoCalibration, OptionSpec, QuantMethod, Quantized, Result, Tensor, TensorSpec,
+    NoCalibration, OptionSpec, QuantMethod, Quantized, Result, Tensor, TensorSpec, DEFAULT_FORWARD_TOLERANCE,
 };
 use rayon::prelude::*;
 use serde_json::json;
@@ -54,6 +54,9 @@ impl QuantMethod for Rtn {
                 OptionSpec::bool("sym", false, "symmetric levels around zero (no stored zero point)"),
             ],
             tolerance: 0.15,
+            // `forward` decodes the same weights and only sums in another order.
+            forward_tolerance: DEFAULT_FORWARD_TOLERANCE,
+            read_only: false,
         }
     }
 

@@ -58,6 +58,9 @@ impl QuantMethod for AbsmaxInt8 {
             options: vec![OptionSpec::float("clip", 1.0, 0.5, 1.0, "fraction of each row's absmax mapped to 127")],
             // Int8 per row on Gaussian weights: about 0.01; the conformance suite checks it.
             tolerance: 0.02,
+            // `forward` is dequantize + matrix product (the trait's default): only the sums' order differs.
+            forward_tolerance: kvant_plugin_api::DEFAULT_FORWARD_TOLERANCE,
+            read_only: false,
         }
     }
 
