@@ -1,8 +1,9 @@
 //! Calibration, shared by every method that declares `requires_calibration`: calibration text to
 //! token windows, then the model run block by block as the reference tools do. Each block sees
 //! inputs produced by the already-quantized blocks before it; inside a block, with
-//! `true_sequential`, the groups (q,k,v) -> o -> (gate,up) -> down are quantized in order and the
-//! block is re-run between groups so each group sees inputs made by the ones before it.
+//! `true_sequential`, the groups (q,k,v) -> o -> (gate,up) -> down are quantized in order in one
+//! pass: each is observed, quantized and swapped in just before it runs, so each group sees
+//! inputs made by the quantized ones before it. Linears that read one input share one observer.
 //!
 //! Methods that search input scales (AWQ, [`Plan::fold_input_scales`]) run differently: each
 //! block is observed once in full precision, its groups are quantized in reverse order through
@@ -20,7 +21,7 @@ use kvant_plugin_api::{Config, ModulePlan, Plan, Quantized, Tensor, TensorView};
 
 use crate::checkpoint::Checkpoint;
 use crate::lifecycle::{check_against_plan, module_views};
-use crate::model::{DenseLinear, LlamaModel, BLOCK_LINEARS};
+use crate::model::{DenseLinear, LinearOp, LlamaModel, BLOCK_LINEARS};
 use crate::packed::PackedLinear;
 use crate::progress::Bar;
 
@@ -129,15 +130,6 @@ pub fn activation_bytes(model: &LlamaModel, rows: usize) -> u64 {
     (rows * widths * 4 + observers * 8) as u64
 }
 
-/// The groups quantized together inside a block, by index into [`BLOCK_LINEARS`].
-fn groups(true_sequential: bool) -> Vec<Vec<usize>> {
-    if true_sequential {
-        vec![vec![0, 1, 2], vec![3], vec![4, 5], vec![6]]
-    } else {
-        vec![(0..BLOCK_LINEARS.len()).collect()]
-    }
-}
-
 /// Receives each quantized module with the dense weights its packed tensors stand for (for the
 /// error report), and writes it.
 pub type Emit<'a> = dyn FnMut(&ModulePlan, &Quantized, &[TensorView<'_>]) -> Result<()> + 'a;
@@ -165,77 +157,109 @@ pub fn quantize_calibrated(
         return quantize_folded(checkpoint, model, method, config, plan, tokens, windows, bar, emit);
     }
     let (n_samples, seq_len) = windows;
-    let name = method.info().name.clone();
     let mut hidden = model.embed(tokens)?;
-    let layers = model.config().num_layers;
-    for block in 0..layers {
-        for group in groups(true_sequential) {
-            let members = planned_members(plan, block, &group);
-            if members.is_empty() {
-                continue;
-            }
-            let observers: Vec<ObserverHandle<'_>> = members
-                .iter()
-                .map(|m| method.new_observer(m, config).map_err(|e| anyhow!("method `{name}`: `{}`: {e}", m.name)))
-                .collect::<Result<_>>()?;
-            // Run the block on a copy: only the observed inputs matter here.
-            let mut scratch = hidden.clone();
-            let mut failure = None;
-            let mut observe = |linear: &str, x: &[f32], rows: usize| {
-                if let Some(k) = members.iter().position(|m| m.name == linear) {
-                    if let Err(e) = observers[k].observe(x, rows) {
-                        failure.get_or_insert_with(|| anyhow!("method `{name}` observing `{linear}`: {e}"));
-                    }
+    for block in 0..model.config().num_layers {
+        if true_sequential {
+            // One pass per block: each group is observed, quantized and swapped in just before
+            // it runs, so later groups see inputs made by quantized ones and the block's output
+            // (the next block's input) comes through quantized layers.
+            let mut hook = |block: usize, group: &[usize], x: &[f32], rows: usize| -> Result<Vec<(usize, Box<dyn LinearOp>)>> {
+                let members = planned_members(plan, block, group);
+                if members.is_empty() {
+                    return Ok(Vec::new());
                 }
+                let observer = observe_group(method, config, &members, x, rows)?;
+                members
+                    .iter()
+                    .map(|&(j, m)| Ok((j, quantize_member(checkpoint, method, config, bar, m, &observer, emit)?)))
+                    .collect()
             };
-            model.forward_block(block, &mut scratch, n_samples, seq_len, Some(&mut observe))?;
-            drop(scratch);
-            if let Some(e) = failure {
-                return Err(e);
+            model.forward_block_with(block, &mut hidden, n_samples, seq_len, &mut hook)?;
+        } else {
+            // Every group observes the block's inputs as they are; then all are quantized and
+            // the block is re-run through them for the next block's input.
+            let mut observed = Vec::new();
+            let mut hook = |block: usize, group: &[usize], x: &[f32], rows: usize| -> Result<Vec<(usize, Box<dyn LinearOp>)>> {
+                let members = planned_members(plan, block, group);
+                if !members.is_empty() {
+                    let observer = observe_group(method, config, &members, x, rows)?;
+                    observed.push((members, observer));
+                }
+                Ok(Vec::new())
+            };
+            model.forward_block_with(block, &mut hidden.clone(), n_samples, seq_len, &mut hook)?;
+            for (members, observer) in observed {
+                for (_, m) in members {
+                    let op = quantize_member(checkpoint, method, config, bar, m, &observer, emit)?;
+                    model.replace_linear(&m.name, op)?;
+                }
             }
-            for (m, observer) in members.iter().zip(&observers) {
-                bar.step(&m.name);
-                let views = module_views(checkpoint, &m.name)?;
-                let q = quantize_one(method, config, m, &views, observer)?;
-                finish_module(method, config, model, bar, m, q, &views, emit)?;
-            }
+            model.forward_block(block, &mut hidden, n_samples, seq_len)?;
         }
-        // The next block's input, computed through this block's quantized layers.
-        model.forward_block(block, &mut hidden, n_samples, seq_len, None)?;
     }
     Ok(Vec::new())
 }
 
-/// The planned modules among `group` (indices into [`BLOCK_LINEARS`]) of `block`.
-fn planned_members<'p>(plan: &'p Plan, block: usize, group: &[usize]) -> Vec<&'p ModulePlan> {
+/// The planned modules among `group` (indices into [`BLOCK_LINEARS`]) of `block`, with their
+/// indices.
+fn planned_members<'p>(plan: &'p Plan, block: usize, group: &[usize]) -> Vec<(usize, &'p ModulePlan)> {
     group
         .iter()
         .filter_map(|&j| {
             let full = format!("model.layers.{block}.{}", BLOCK_LINEARS[j]);
-            plan.modules.iter().find(|m| m.name == full)
+            plan.modules.iter().find(|m| m.name == full).map(|m| (j, m))
         })
         .collect()
 }
 
-/// Reports, writes and swaps in one quantized module; `reference` is the dense weight its
-/// packed tensors stand for.
+/// One observer for the Linears of a group (they read the same input), fed with that input.
+fn observe_group<'m>(
+    method: &'m MethodClient,
+    config: &Config,
+    members: &[(usize, &ModulePlan)],
+    x: &[f32],
+    rows: usize,
+) -> Result<ObserverHandle<'m>> {
+    let name = &method.info().name;
+    let first = &members[0].1.name;
+    let observer = method.new_observer(members[0].1, config).map_err(|e| anyhow!("method `{name}`: `{first}`: {e}"))?;
+    observer.observe(x, rows).map_err(|e| anyhow!("method `{name}` observing `{first}`: {e}"))?;
+    Ok(observer)
+}
+
+/// Quantizes one planned module from its checkpoint weights and its group's observer, writes it,
+/// and returns its packed Linear.
+fn quantize_member(
+    checkpoint: &Checkpoint,
+    method: &Arc<MethodClient>,
+    config: &Config,
+    bar: &Bar,
+    m: &ModulePlan,
+    observer: &ObserverHandle<'_>,
+    emit: &mut Emit,
+) -> Result<Box<dyn LinearOp>> {
+    bar.step(&m.name);
+    let views = module_views(checkpoint, &m.name)?;
+    let q = quantize_one(method, config, m, &views, observer)?;
+    finish_module(method, config, bar, m, q, &views, emit)
+}
+
+/// Reports and writes one quantized module and returns its packed Linear; `reference` is the
+/// dense weight its packed tensors stand for.
 #[allow(clippy::too_many_arguments)]
 fn finish_module(
     method: &Arc<MethodClient>,
     config: &Config,
-    model: &mut LlamaModel,
     bar: &Bar,
     m: &ModulePlan,
     q: Quantized,
     reference: &[TensorView<'_>],
     emit: &mut Emit,
-) -> Result<()> {
+) -> Result<Box<dyn LinearOp>> {
     let loss = q.loss.map_or(String::new(), |l| format!("  loss {l:.6}"));
     bar.println(&format!("{:<44}{loss}", m.name));
     emit(m, &q, reference)?;
-    let packed = PackedLinear::new(method.clone(), m.clone(), q.tensors, config.clone());
-    model.replace_linear(&m.name, Box::new(packed))?;
-    Ok(())
+    Ok(Box::new(PackedLinear::new(method.clone(), m.clone(), q.tensors, config.clone())))
 }
 
 /// What produces a group's input, where an input scale can be folded.
@@ -334,7 +358,8 @@ fn quantize_folded(
     let mut hidden = model.embed(tokens)?;
     for block in 0..model.config().num_layers {
         let groups = scaled_groups(block);
-        let members: Vec<Vec<&ModulePlan>> = groups.iter().map(|(g, _)| planned_members(plan, block, g)).collect();
+        let members: Vec<Vec<&ModulePlan>> =
+            groups.iter().map(|(g, _)| planned_members(plan, block, g).into_iter().map(|(_, m)| m).collect()).collect();
         // Members of a group share one input, hence one observer.
         let observers: Vec<Option<ObserverHandle<'_>>> = members
             .iter()
@@ -344,21 +369,17 @@ fn quantize_folded(
                     .transpose()
             })
             .collect::<Result<_>>()?;
-        let mut failure = None;
-        let mut observe = |linear: &str, x: &[f32], rows: usize| {
-            let k = members.iter().position(|m| m.first().is_some_and(|f| f.name == linear));
-            if let Some(observer) = k.and_then(|k| observers[k].as_ref()) {
-                if let Err(e) = observer.observe(x, rows) {
-                    failure.get_or_insert_with(|| anyhow!("method `{name}` observing `{linear}`: {e}"));
+        let mut observe = |_: usize, group: &[usize], x: &[f32], rows: usize| -> Result<Vec<(usize, Box<dyn LinearOp>)>> {
+            if let Some(k) = groups.iter().position(|(g, _)| g == group) {
+                if let Some(observer) = &observers[k] {
+                    observer.observe(x, rows).map_err(|e| anyhow!("method `{name}` observing `{}`: {e}", members[k][0].name))?;
                 }
             }
+            Ok(Vec::new())
         };
         // Folding leaves the full-precision block unchanged, so this pass also gives the next
         // block its input (AutoAWQ feeds the next block the full-precision output too).
-        model.forward_block(block, &mut hidden, n_samples, seq_len, Some(&mut observe))?;
-        if let Some(e) = failure {
-            return Err(e);
-        }
+        model.forward_block_with(block, &mut hidden, n_samples, seq_len, &mut observe)?;
         for ((group, producer), (members, observer)) in groups.iter().zip(members.iter().zip(&observers)).rev() {
             let Some(observer) = observer else { continue };
             let prefix = format!("model.layers.{block}");
@@ -434,7 +455,8 @@ fn quantize_folded(
             for ((m, q), reference) in members.iter().zip(results).zip(&references) {
                 let mut refs = vec![reference.view()];
                 refs.extend(module_views(checkpoint, &m.name)?.into_iter().filter(|v| v.name == "bias"));
-                finish_module(method, config, model, bar, m, q, &refs, emit)?;
+                let op = finish_module(method, config, bar, m, q, &refs, emit)?;
+                model.replace_linear(&m.name, op)?;
                 // A planned module's folded weights are spent once it is quantized.
                 overrides.remove(&format!("{}.weight", m.name));
                 overrides.remove(&format!("{}.bias", m.name));

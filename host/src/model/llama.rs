@@ -31,10 +31,17 @@ const GATE: usize = 4;
 const UP: usize = 5;
 const DOWN: usize = 6;
 
-/// Sees each Linear's input just before the Linear runs: the Linear's full name (e.g.
-/// `model.layers.3.mlp.down_proj`), the row-major `[rows, in_features]` input, and `rows`.
-/// q/k/v (and gate/up) share one input and are each reported with it.
-pub type Observer<'a> = dyn FnMut(&str, &[f32], usize) + 'a;
+/// The groups of [`BLOCK_LINEARS`] that read one input, in execution order: q/k/v, o,
+/// gate/up, down.
+pub const INPUT_GROUPS: [&[usize]; 4] = [&[Q, K, V], &[O], &[GATE, UP], &[DOWN]];
+
+/// Called just before a group of Linears that read one input runs ([`INPUT_GROUPS`]): the
+/// block, the group (indices into [`BLOCK_LINEARS`]), the row-major `[rows, in_features]`
+/// input and `rows`. It may return replacements (index, Linear) for members of the group: the
+/// block then computes the group's outputs with them, and they stay in the model. This is
+/// how calibration quantizes a block in one pass: each group sees inputs produced by the
+/// already-quantized groups before it.
+pub type GroupHook<'a> = dyn FnMut(usize, &[usize], &[f32], usize) -> Result<Vec<(usize, Box<dyn LinearOp>)>> + 'a;
 
 /// Supplies a Linear by its full module name (e.g. `model.layers.0.self_attn.q_proj`, or
 /// `lm_head` when the head is not tied); `None` loads the dense layer from the tensor source.
@@ -178,25 +185,65 @@ impl LlamaModel {
         Ok(out)
     }
 
-    /// Runs decoder block `i` in place on `hidden` (`[batch * seq, hidden]`), reporting each
-    /// Linear's input to `observer` when given.
-    pub fn forward_block(
+    /// Runs decoder block `i` in place on `hidden` (`[batch * seq, hidden]`).
+    pub fn forward_block(&self, i: usize, hidden: &mut [f32], batch: usize, seq: usize) -> Result<()> {
+        let swapped = self.run_block(i, hidden, batch, seq, None)?;
+        debug_assert!(swapped.is_empty());
+        Ok(())
+    }
+
+    /// Runs decoder block `i` in place on `hidden`, calling `hook` before each input group and
+    /// installing the Linears it returns (see [`GroupHook`]).
+    pub fn forward_block_with(
+        &mut self,
+        i: usize,
+        hidden: &mut [f32],
+        batch: usize,
+        seq: usize,
+        hook: &mut GroupHook,
+    ) -> Result<()> {
+        for (j, op) in self.run_block(i, hidden, batch, seq, Some(hook))? {
+            let name = self.blocks[i].names[j].clone();
+            self.replace_linear(&name, op)?;
+        }
+        Ok(())
+    }
+
+    /// The block's forward; Linears the hook returns are used in place of the block's own and
+    /// handed back for the caller to install.
+    fn run_block(
         &self,
         i: usize,
         hidden: &mut [f32],
         batch: usize,
         seq: usize,
-        mut observer: Option<&mut Observer>,
-    ) -> Result<()> {
+        mut hook: Option<&mut GroupHook>,
+    ) -> Result<Vec<(usize, Box<dyn LinearOp>)>> {
         let c = &self.config;
         let block = self.blocks.get(i).with_context(|| format!("block {i} does not exist ({} blocks)", self.blocks.len()))?;
         let rows = batch * seq;
         ensure!(hidden.len() == rows * c.hidden_size, "hidden states are not [{batch} x {seq}, {}]", c.hidden_size);
-        let mut run = |j: usize, x: &[f32]| -> Result<Vec<f32>> {
-            if let Some(obs) = observer.as_mut() {
-                obs(&block.names[j], x, rows);
+        let mut swapped: Vec<(usize, Box<dyn LinearOp>)> = Vec::new();
+        let mut enter = |group: usize, x: &[f32], swapped: &mut Vec<(usize, Box<dyn LinearOp>)>| -> Result<()> {
+            let Some(hook) = hook.as_mut() else { return Ok(()) };
+            for (j, op) in hook(i, INPUT_GROUPS[group], x, rows)? {
+                ensure!(INPUT_GROUPS[group].contains(&j), "a replacement for {} came before its group", block.names[j]);
+                let old = &block.linears[j];
+                ensure!(
+                    (op.out_features(), op.in_features()) == (old.out_features(), old.in_features()),
+                    "replacement for `{}` is {}x{}, the layer is {}x{}",
+                    block.names[j],
+                    op.out_features(),
+                    op.in_features(),
+                    old.out_features(),
+                    old.in_features()
+                );
+                swapped.push((j, op));
             }
-            let op = &block.linears[j];
+            Ok(())
+        };
+        let run = |j: usize, x: &[f32], swapped: &[(usize, Box<dyn LinearOp>)]| -> Result<Vec<f32>> {
+            let op = swapped.iter().rev().find(|(k, _)| *k == j).map_or(&block.linears[j], |(_, op)| op);
             let y = op.forward(x, rows).with_context(|| format!("in {}", block.names[j]))?;
             if y.len() != rows * op.out_features() {
                 bail!("{} returned {} values for {rows} rows of {}", block.names[j], y.len(), op.out_features());
@@ -206,9 +253,10 @@ impl LlamaModel {
 
         let mut x = hidden.to_vec();
         rms_norm(&mut x, &block.input_norm, c.rms_norm_eps);
-        let mut q = run(Q, &x)?;
-        let mut k = run(K, &x)?;
-        let v = run(V, &x)?;
+        enter(0, &x, &mut swapped)?;
+        let mut q = run(Q, &x, &swapped)?;
+        let mut k = run(K, &x, &swapped)?;
+        let v = run(V, &x, &swapped)?;
         let rope = Rope::new(&self.inv_freq, seq);
         rope.apply(&mut q, seq, c.num_heads);
         rope.apply(&mut k, seq, c.num_kv_heads);
@@ -221,15 +269,21 @@ impl LlamaModel {
             window: c.sliding_window,
         };
         let attn = attention(&q, &k, &v, shape);
-        add_in_place(hidden, &run(O, &attn)?);
+        drop((q, k, v));
+        enter(1, &attn, &mut swapped)?;
+        add_in_place(hidden, &run(O, &attn, &swapped)?);
+        drop(attn);
 
         x.copy_from_slice(hidden);
         rms_norm(&mut x, &block.post_attention_norm, c.rms_norm_eps);
-        let mut gate = run(GATE, &x)?;
-        let up = run(UP, &x)?;
+        enter(2, &x, &mut swapped)?;
+        let mut gate = run(GATE, &x, &swapped)?;
+        let up = run(UP, &x, &swapped)?;
         gate.par_chunks_mut(1 << 14).zip(up.par_chunks(1 << 14)).for_each(|(g, u)| silu_mul(g, u));
-        add_in_place(hidden, &run(DOWN, &gate)?);
-        Ok(())
+        drop(up);
+        enter(3, &gate, &mut swapped)?;
+        add_in_place(hidden, &run(DOWN, &gate, &swapped)?);
+        Ok(swapped)
     }
 
     /// Applies the final RMSNorm in place.
@@ -248,7 +302,7 @@ impl LlamaModel {
         ensure!(tokens.len() == batch * seq, "{} tokens are not {batch} windows of {seq}", tokens.len());
         let mut hidden = self.embed(tokens)?;
         for i in 0..self.blocks.len() {
-            self.forward_block(i, &mut hidden, batch, seq, None)?;
+            self.forward_block(i, &mut hidden, batch, seq)?;
             on_block(i);
         }
         self.final_norm(&mut hidden);

@@ -233,12 +233,12 @@ impl LinearOp for Counting {
 }
 
 #[test]
-fn factory_supplies_linears_and_observer_sees_their_inputs() {
+fn factory_supplies_linears_and_hook_sees_group_inputs() {
     let c = tiny_config("llama", true);
     let s = tiny_source(&c, false, false);
     let calls = Arc::new(Mutex::new(0));
     let mut asked = Vec::new();
-    let model = LlamaModel::load(c.clone(), &s, &mut |name| {
+    let mut model = LlamaModel::load(c.clone(), &s, &mut |name| {
         asked.push(name.to_string());
         let w = s.tensor_f32(&format!("{name}.weight"))?;
         let shape = s.shape(&format!("{name}.weight")).unwrap();
@@ -256,12 +256,53 @@ fn factory_supplies_linears_and_observer_sees_their_inputs() {
 
     let mut hidden = model.embed(&toks).unwrap();
     let mut seen = Vec::new();
-    let mut obs = |name: &str, x: &[f32], rows: usize| seen.push((name.to_string(), x.len() / rows, rows));
-    model.forward_block(1, &mut hidden, batch, seq, Some(&mut obs)).unwrap();
-    let widths: Vec<usize> = seen.iter().map(|s| s.1).collect();
-    assert_eq!(widths, [48, 48, 48, 48, 48, 48, 80]);
-    assert!(seen.iter().all(|s| s.2 == batch * seq));
-    assert_eq!(seen[6].0, "model.layers.1.mlp.down_proj");
+    let mut hook = |block: usize, group: &[usize], x: &[f32], rows: usize| {
+        seen.push((block, group.to_vec(), x.len() / rows, rows));
+        Ok(Vec::new())
+    };
+    model.forward_block_with(1, &mut hidden, batch, seq, &mut hook).unwrap();
+    let groups: Vec<(usize, Vec<usize>, usize)> = seen.iter().map(|s| (s.0, s.1.clone(), s.2)).collect();
+    assert_eq!(groups, [(1, vec![0, 1, 2], 48), (1, vec![3], 48), (1, vec![4, 5], 48), (1, vec![6], 80)]);
+    assert!(seen.iter().all(|s| s.3 == batch * seq));
+}
+
+/// A hook that swaps in a zero `o_proj` changes the block's output exactly as replacing the
+/// Linear beforehand does, and the replacement stays in the model.
+#[test]
+fn group_hook_replacements_take_effect_at_once_and_stay() {
+    let c = tiny_config("llama", true);
+    let s = tiny_source(&c, false, false);
+    let zero_o = || Box::new(DenseLinear::new(vec![0.0; 48 * 48].into(), None, 48, 48).unwrap()) as Box<dyn LinearOp>;
+    let (batch, seq) = (2, 5);
+    let toks = tokens(batch * seq, c.vocab_size, 3);
+
+    let mut hooked = LlamaModel::load(c.clone(), &s, &mut |_| Ok(None)).unwrap();
+    let mut a = hooked.embed(&toks).unwrap();
+    let mut hook = |_: usize, group: &[usize], _: &[f32], _: usize| {
+        Ok(if group == [3] { vec![(3, zero_o())] } else { Vec::new() })
+    };
+    hooked.forward_block_with(0, &mut a, batch, seq, &mut hook).unwrap();
+
+    let mut replaced = LlamaModel::load(c.clone(), &s, &mut |_| Ok(None)).unwrap();
+    replaced.replace_linear("model.layers.0.self_attn.o_proj", zero_o()).unwrap();
+    let mut b = replaced.embed(&toks).unwrap();
+    replaced.forward_block(0, &mut b, batch, seq).unwrap();
+    assert_eq!(a, b);
+
+    let dense = LlamaModel::load(c.clone(), &s, &mut |_| Ok(None)).unwrap();
+    let mut d = dense.embed(&toks).unwrap();
+    dense.forward_block(0, &mut d, batch, seq).unwrap();
+    assert_ne!(a, d);
+    let (mut a2, mut b2) = (hooked.embed(&toks).unwrap(), replaced.embed(&toks).unwrap());
+    hooked.forward_block(0, &mut a2, batch, seq).unwrap();
+    replaced.forward_block(0, &mut b2, batch, seq).unwrap();
+    assert_eq!(a2, b2);
+
+    let mut wrong = |_: usize, group: &[usize], _: &[f32], _: usize| {
+        Ok(if group == [0, 1, 2] { vec![(3, zero_o())] } else { Vec::new() })
+    };
+    let err = hooked.forward_block_with(0, &mut a2, batch, seq, &mut wrong).unwrap_err();
+    assert!(format!("{err:#}").contains("o_proj"), "{err:#}");
 }
 
 #[test]
