@@ -493,7 +493,7 @@ impl<M: QuantMethod> FfiMethod for Adapter<M> {
                 at += n as usize;
             }
             // Members sharing an input share a handle: lock each observer once.
-            let ids: Vec<Option<u64>> = observers.iter().map(|o| o.clone().into_option()).collect();
+            let ids: Vec<Option<u64>> = observers.iter().map(|o| (*o).into_option()).collect();
             let mut handles: Vec<u64> = ids.iter().flatten().copied().collect();
             handles.sort_unstable();
             handles.dedup();
