@@ -21,7 +21,7 @@ use kvant_plugin_api::{Config, ModulePlan, Plan, Quantized, Tensor, TensorView};
 
 use crate::checkpoint::Checkpoint;
 use crate::lifecycle::{check_against_plan, module_views};
-use crate::model::{DenseLinear, LinearOp, LlamaModel, BLOCK_LINEARS};
+use crate::model::{DenseLinear, GroupEvent, LinearOp, LlamaModel, BLOCK_LINEARS};
 use crate::packed::PackedLinear;
 use crate::progress::Bar;
 
@@ -159,32 +159,28 @@ pub fn quantize_calibrated(
     let (n_samples, seq_len) = windows;
     let mut hidden = model.embed(tokens)?;
     for block in 0..model.config().num_layers {
+        // The observer of the group being fed, with the group's planned members.
+        let mut current: Option<(Vec<(usize, &ModulePlan)>, ObserverHandle<'_>)> = None;
         if true_sequential {
             // One pass per block: each group is observed, quantized and swapped in just before
             // it runs, so later groups see inputs made by quantized ones and the block's output
             // (the next block's input) comes through quantized layers.
-            let mut hook = |block: usize, group: &[usize], x: &[f32], rows: usize| -> Result<Vec<(usize, Box<dyn LinearOp>)>> {
-                let members = planned_members(plan, block, group);
-                if members.is_empty() {
-                    return Ok(Vec::new());
+            let mut hook = |block: usize, group: &[usize], event: GroupEvent<'_>| -> Result<Vec<(usize, Box<dyn LinearOp>)>> {
+                if let Some((members, observer)) = feed(method, config, plan, &mut current, block, group, event)? {
+                    return members
+                        .iter()
+                        .map(|&(j, m)| Ok((j, quantize_member(checkpoint, method, config, bar, m, &observer, emit)?)))
+                        .collect();
                 }
-                let observer = observe_group(method, config, &members, x, rows)?;
-                members
-                    .iter()
-                    .map(|&(j, m)| Ok((j, quantize_member(checkpoint, method, config, bar, m, &observer, emit)?)))
-                    .collect()
+                Ok(Vec::new())
             };
             model.forward_block_with(block, &mut hidden, n_samples, seq_len, &mut hook)?;
         } else {
             // Every group observes the block's inputs as they are; then all are quantized and
             // the block is re-run through them for the next block's input.
             let mut observed = Vec::new();
-            let mut hook = |block: usize, group: &[usize], x: &[f32], rows: usize| -> Result<Vec<(usize, Box<dyn LinearOp>)>> {
-                let members = planned_members(plan, block, group);
-                if !members.is_empty() {
-                    let observer = observe_group(method, config, &members, x, rows)?;
-                    observed.push((members, observer));
-                }
+            let mut hook = |block: usize, group: &[usize], event: GroupEvent<'_>| -> Result<Vec<(usize, Box<dyn LinearOp>)>> {
+                observed.extend(feed(method, config, plan, &mut current, block, group, event)?);
                 Ok(Vec::new())
             };
             model.forward_block_with(block, &mut hidden.clone(), n_samples, seq_len, &mut hook)?;
@@ -212,19 +208,36 @@ fn planned_members<'p>(plan: &'p Plan, block: usize, group: &[usize]) -> Vec<(us
         .collect()
 }
 
-/// One observer for the Linears of a group (they read the same input), fed with that input.
-fn observe_group<'m>(
+/// A group's planned members and the one observer they share (they read the same input).
+type FedGroup<'p, 'm> = (Vec<(usize, &'p ModulePlan)>, ObserverHandle<'m>);
+
+/// Feeds a group's input to its observer (created at the group's first input, when the group has
+/// planned members); at the group's completion, hands back the members and the fed observer.
+fn feed<'p, 'm>(
     method: &'m MethodClient,
     config: &Config,
-    members: &[(usize, &ModulePlan)],
-    x: &[f32],
-    rows: usize,
-) -> Result<ObserverHandle<'m>> {
+    plan: &'p Plan,
+    current: &mut Option<FedGroup<'p, 'm>>,
+    block: usize,
+    group: &[usize],
+    event: GroupEvent<'_>,
+) -> Result<Option<FedGroup<'p, 'm>>> {
     let name = &method.info().name;
-    let first = &members[0].1.name;
-    let observer = method.new_observer(members[0].1, config).map_err(|e| anyhow!("method `{name}`: `{first}`: {e}"))?;
-    observer.observe(x, rows).map_err(|e| anyhow!("method `{name}` observing `{first}`: {e}"))?;
-    Ok(observer)
+    match event {
+        GroupEvent::Input { x, rows } => {
+            if current.is_none() {
+                let members = planned_members(plan, block, group);
+                let Some(&(_, first)) = members.first() else { return Ok(None) };
+                let observer =
+                    method.new_observer(first, config).map_err(|e| anyhow!("method `{name}`: `{}`: {e}", first.name))?;
+                *current = Some((members, observer));
+            }
+            let (members, observer) = current.as_ref().expect("set above");
+            observer.observe(x, rows).map_err(|e| anyhow!("method `{name}` observing `{}`: {e}", members[0].1.name))?;
+            Ok(None)
+        }
+        GroupEvent::Complete => Ok(current.take()),
+    }
 }
 
 /// Quantizes one planned module from its checkpoint weights and its group's observer, writes it,
@@ -369,7 +382,8 @@ fn quantize_folded(
                     .transpose()
             })
             .collect::<Result<_>>()?;
-        let mut observe = |_: usize, group: &[usize], x: &[f32], rows: usize| -> Result<Vec<(usize, Box<dyn LinearOp>)>> {
+        let mut observe = |_: usize, group: &[usize], event: GroupEvent<'_>| -> Result<Vec<(usize, Box<dyn LinearOp>)>> {
+            let GroupEvent::Input { x, rows } = event else { return Ok(Vec::new()) };
             if let Some(k) = groups.iter().position(|(g, _)| g == group) {
                 if let Some(observer) = &observers[k] {
                     observer.observe(x, rows).map_err(|e| anyhow!("method `{name}` observing `{}`: {e}", members[k][0].name))?;

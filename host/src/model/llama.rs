@@ -35,13 +35,31 @@ const DOWN: usize = 6;
 /// gate/up, down.
 pub const INPUT_GROUPS: [&[usize]; 4] = [&[Q, K, V], &[O], &[GATE, UP], &[DOWN]];
 
-/// Called just before a group of Linears that read one input runs ([`INPUT_GROUPS`]): the
-/// block, the group (indices into [`BLOCK_LINEARS`]), the row-major `[rows, in_features]`
-/// input and `rows`. It may return replacements (index, Linear) for members of the group: the
-/// block then computes the group's outputs with them, and they stay in the model. This is
-/// how calibration quantizes a block in one pass: each group sees inputs produced by the
-/// already-quantized groups before it.
-pub type GroupHook<'a> = dyn FnMut(usize, &[usize], &[f32], usize) -> Result<Vec<(usize, Box<dyn LinearOp>)>> + 'a;
+/// What a [`GroupHook`] is told about a group of Linears that read one input.
+pub enum GroupEvent<'x> {
+    /// Some rows of the group's input (row-major `[rows, in_features]`); a block's rows arrive
+    /// in several such batches, whole windows each.
+    Input {
+        /// The input rows.
+        x: &'x [f32],
+        /// How many rows `x` holds.
+        rows: usize,
+    },
+    /// Every row of the input was seen and the group is about to run.
+    Complete,
+}
+
+/// Follows a block run group by group ([`INPUT_GROUPS`], in order): called with the block, the
+/// group (indices into [`BLOCK_LINEARS`]) and the event. On [`GroupEvent::Complete`] it may
+/// return replacements (index, Linear) for members of the group: the block then computes the
+/// group's outputs with them, and they stay in the model. This is how calibration quantizes a
+/// block in one pass: each group sees inputs produced by the already-quantized groups before it.
+/// Replacements returned for an `Input` event are an error.
+pub type GroupHook<'a> = dyn FnMut(usize, &[usize], GroupEvent<'_>) -> Result<Vec<(usize, Box<dyn LinearOp>)>> + 'a;
+
+/// Rows a block processes at once: whole windows, about this many rows, so activations of
+/// long calibration runs are allocated (and their memory reused) in moderate pieces.
+const CHUNK_ROWS: usize = 4096;
 
 /// Supplies a Linear by its full module name (e.g. `model.layers.0.self_attn.q_proj`, or
 /// `lm_head` when the head is not tied); `None` loads the dense layer from the tensor source.
@@ -210,7 +228,9 @@ impl LlamaModel {
     }
 
     /// The block's forward; Linears the hook returns are used in place of the block's own and
-    /// handed back for the caller to install.
+    /// handed back for the caller to install. Runs stage by stage (one stage per input group),
+    /// each stage over chunks of whole windows, so a hook sees all of a group's input before
+    /// the group runs.
     fn run_block(
         &self,
         i: usize,
@@ -221,12 +241,23 @@ impl LlamaModel {
     ) -> Result<Vec<(usize, Box<dyn LinearOp>)>> {
         let c = &self.config;
         let block = self.blocks.get(i).with_context(|| format!("block {i} does not exist ({} blocks)", self.blocks.len()))?;
-        let rows = batch * seq;
-        ensure!(hidden.len() == rows * c.hidden_size, "hidden states are not [{batch} x {seq}, {}]", c.hidden_size);
+        let width = c.hidden_size;
+        ensure!(hidden.len() == batch * seq * width, "hidden states are not [{batch} x {seq}, {width}]");
+        let per_chunk = (CHUNK_ROWS / seq).max(1);
+        // (first window, windows) of each chunk.
+        let chunks: Vec<(usize, usize)> = (0..batch).step_by(per_chunk).map(|w| (w, per_chunk.min(batch - w))).collect();
+        let rows_of = |(w, n): (usize, usize)| w * seq * width..(w + n) * seq * width;
+
         let mut swapped: Vec<(usize, Box<dyn LinearOp>)> = Vec::new();
-        let mut enter = |group: usize, x: &[f32], swapped: &mut Vec<(usize, Box<dyn LinearOp>)>| -> Result<()> {
+        let mut tell = |group: usize, event: GroupEvent<'_>, swapped: &mut Vec<(usize, Box<dyn LinearOp>)>| -> Result<()> {
             let Some(hook) = hook.as_mut() else { return Ok(()) };
-            for (j, op) in hook(i, INPUT_GROUPS[group], x, rows)? {
+            let input = matches!(event, GroupEvent::Input { .. });
+            let replacements = hook(i, INPUT_GROUPS[group], event)?;
+            ensure!(
+                !input || replacements.is_empty(),
+                "replacements for block {i} came before the group's input was complete"
+            );
+            for (j, op) in replacements {
                 ensure!(INPUT_GROUPS[group].contains(&j), "a replacement for {} came before its group", block.names[j]);
                 let old = &block.linears[j];
                 ensure!(
@@ -242,7 +273,7 @@ impl LlamaModel {
             }
             Ok(())
         };
-        let run = |j: usize, x: &[f32], swapped: &[(usize, Box<dyn LinearOp>)]| -> Result<Vec<f32>> {
+        let run = |j: usize, x: &[f32], rows: usize, swapped: &[(usize, Box<dyn LinearOp>)]| -> Result<Vec<f32>> {
             let op = swapped.iter().rev().find(|(k, _)| *k == j).map_or(&block.linears[j], |(_, op)| op);
             let y = op.forward(x, rows).with_context(|| format!("in {}", block.names[j]))?;
             if y.len() != rows * op.out_features() {
@@ -250,39 +281,66 @@ impl LlamaModel {
             }
             Ok(y)
         };
-
-        let mut x = hidden.to_vec();
-        rms_norm(&mut x, &block.input_norm, c.rms_norm_eps);
-        enter(0, &x, &mut swapped)?;
-        let mut q = run(Q, &x, &swapped)?;
-        let mut k = run(K, &x, &swapped)?;
-        let v = run(V, &x, &swapped)?;
-        let rope = Rope::new(&self.inv_freq, seq);
-        rope.apply(&mut q, seq, c.num_heads);
-        rope.apply(&mut k, seq, c.num_kv_heads);
-        let shape = AttnShape {
-            batch,
-            seq,
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-            window: c.sliding_window,
+        let normed = |h: &[f32], weight: &[f32]| {
+            let mut x = h.to_vec();
+            rms_norm(&mut x, weight, c.rms_norm_eps);
+            x
         };
-        let attn = attention(&q, &k, &v, shape);
-        drop((q, k, v));
-        enter(1, &attn, &mut swapped)?;
-        add_in_place(hidden, &run(O, &attn, &swapped)?);
-        drop(attn);
 
-        x.copy_from_slice(hidden);
-        rms_norm(&mut x, &block.post_attention_norm, c.rms_norm_eps);
-        enter(2, &x, &mut swapped)?;
-        let mut gate = run(GATE, &x, &swapped)?;
-        let up = run(UP, &x, &swapped)?;
-        gate.par_chunks_mut(1 << 14).zip(up.par_chunks(1 << 14)).for_each(|(g, u)| silu_mul(g, u));
-        drop(up);
-        enter(3, &gate, &mut swapped)?;
-        add_in_place(hidden, &run(DOWN, &gate, &swapped)?);
+        // q/k/v read the normed hidden state.
+        for &ch in &chunks {
+            let x = normed(&hidden[rows_of(ch)], &block.input_norm);
+            tell(0, GroupEvent::Input { x: &x, rows: ch.1 * seq }, &mut swapped)?;
+        }
+        tell(0, GroupEvent::Complete, &mut swapped)?;
+        // o reads the attention output.
+        let rope = Rope::new(&self.inv_freq, seq);
+        let mut attn = Vec::with_capacity(chunks.len());
+        for &ch in &chunks {
+            let rows = ch.1 * seq;
+            let x = normed(&hidden[rows_of(ch)], &block.input_norm);
+            let mut q = run(Q, &x, rows, &swapped)?;
+            let mut k = run(K, &x, rows, &swapped)?;
+            let v = run(V, &x, rows, &swapped)?;
+            rope.apply(&mut q, seq, c.num_heads);
+            rope.apply(&mut k, seq, c.num_kv_heads);
+            let shape = AttnShape {
+                batch: ch.1,
+                seq,
+                heads: c.num_heads,
+                kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+                window: c.sliding_window,
+            };
+            let a = attention(&q, &k, &v, shape);
+            tell(1, GroupEvent::Input { x: &a, rows }, &mut swapped)?;
+            attn.push(a);
+        }
+        tell(1, GroupEvent::Complete, &mut swapped)?;
+        // gate/up read the normed hidden state after attention's residual.
+        for (&ch, a) in chunks.iter().zip(attn) {
+            let rows = ch.1 * seq;
+            let h = &mut hidden[rows_of(ch)];
+            add_in_place(h, &run(O, &a, rows, &swapped)?);
+            let x = normed(h, &block.post_attention_norm);
+            tell(2, GroupEvent::Input { x: &x, rows }, &mut swapped)?;
+        }
+        tell(2, GroupEvent::Complete, &mut swapped)?;
+        // down reads silu(gate) * up.
+        let mut act = Vec::with_capacity(chunks.len());
+        for &ch in &chunks {
+            let rows = ch.1 * seq;
+            let x = normed(&hidden[rows_of(ch)], &block.post_attention_norm);
+            let mut gate = run(GATE, &x, rows, &swapped)?;
+            let up = run(UP, &x, rows, &swapped)?;
+            gate.par_chunks_mut(1 << 14).zip(up.par_chunks(1 << 14)).for_each(|(g, u)| silu_mul(g, u));
+            tell(3, GroupEvent::Input { x: &gate, rows }, &mut swapped)?;
+            act.push(gate);
+        }
+        tell(3, GroupEvent::Complete, &mut swapped)?;
+        for (&ch, a) in chunks.iter().zip(act) {
+            add_in_place(&mut hidden[rows_of(ch)], &run(DOWN, &a, ch.1 * seq, &swapped)?);
+        }
         Ok(swapped)
     }
 

@@ -12,7 +12,7 @@ use crate::checkpoint::Checkpoint;
 
 pub use config::{LlamaConfig, RopeScaling};
 pub use linear::{matmul_transb, DenseLinear, LinearOp};
-pub use llama::{GroupHook, LinearFactory, LlamaModel, BLOCK_LINEARS, INPUT_GROUPS};
+pub use llama::{GroupEvent, GroupHook, LinearFactory, LlamaModel, BLOCK_LINEARS, INPUT_GROUPS};
 pub(crate) use ops::{max, sum_exp, sum_exp_times_diff};
 
 /// Where a model's weights come from, by full Hugging Face tensor name.

@@ -256,14 +256,61 @@ fn factory_supplies_linears_and_hook_sees_group_inputs() {
 
     let mut hidden = model.embed(&toks).unwrap();
     let mut seen = Vec::new();
-    let mut hook = |block: usize, group: &[usize], x: &[f32], rows: usize| {
-        seen.push((block, group.to_vec(), x.len() / rows, rows));
+    let mut hook = |block: usize, group: &[usize], event: GroupEvent<'_>| {
+        seen.push(match event {
+            GroupEvent::Input { x, rows } => (block, group.to_vec(), x.len() / rows, rows),
+            GroupEvent::Complete => (block, group.to_vec(), 0, 0),
+        });
         Ok(Vec::new())
     };
     model.forward_block_with(1, &mut hidden, batch, seq, &mut hook).unwrap();
-    let groups: Vec<(usize, Vec<usize>, usize)> = seen.iter().map(|s| (s.0, s.1.clone(), s.2)).collect();
-    assert_eq!(groups, [(1, vec![0, 1, 2], 48), (1, vec![3], 48), (1, vec![4, 5], 48), (1, vec![6], 80)]);
-    assert!(seen.iter().all(|s| s.3 == batch * seq));
+    let rows = batch * seq;
+    assert_eq!(
+        seen,
+        [
+            (1, vec![0, 1, 2], 48, rows),
+            (1, vec![0, 1, 2], 0, 0),
+            (1, vec![3], 48, rows),
+            (1, vec![3], 0, 0),
+            (1, vec![4, 5], 48, rows),
+            (1, vec![4, 5], 0, 0),
+            (1, vec![6], 80, rows),
+            (1, vec![6], 0, 0)
+        ]
+    );
+}
+
+/// Long runs go through a block in chunks of whole windows: the hook sees every row once, in
+/// order, before the group completes, and the result equals one run over all rows at once.
+#[test]
+fn chunked_block_equals_one_piece_and_hook_sees_every_row() {
+    let c = tiny_config("llama", true);
+    let s = tiny_source(&c, false, false);
+    let model = LlamaModel::load(c.clone(), &s, &mut |_| Ok(None)).unwrap();
+    let (seq, batch) = (1024, 9);
+    let toks = tokens(batch * seq, c.vocab_size, 11);
+    let mut chunked = model.embed(&toks).unwrap();
+    let mut separate = chunked.clone();
+    let mut model = model;
+    let mut fed = vec![0usize; 4];
+    let mut hook = |_: usize, group: &[usize], event: GroupEvent<'_>| {
+        let g = INPUT_GROUPS.iter().position(|g| *g == group).unwrap();
+        match event {
+            GroupEvent::Input { rows, .. } => {
+                assert!(rows % seq == 0 && rows < batch * seq, "{rows} rows are not whole windows of a chunk");
+                fed[g] += rows;
+            }
+            GroupEvent::Complete => assert_eq!(fed[g], batch * seq, "group {g} completed early"),
+        }
+        Ok(Vec::new())
+    };
+    model.forward_block_with(0, &mut chunked, batch, seq, &mut hook).unwrap();
+    for w in 0..batch {
+        let h = c.hidden_size;
+        model.forward_block(0, &mut separate[w * seq * h..(w + 1) * seq * h], 1, seq).unwrap();
+    }
+    let worst = chunked.iter().zip(&separate).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-4, "chunked and per-window runs differ by {worst}");
 }
 
 /// A hook that swaps in a zero `o_proj` changes the block's output exactly as replacing the
@@ -278,8 +325,8 @@ fn group_hook_replacements_take_effect_at_once_and_stay() {
 
     let mut hooked = LlamaModel::load(c.clone(), &s, &mut |_| Ok(None)).unwrap();
     let mut a = hooked.embed(&toks).unwrap();
-    let mut hook = |_: usize, group: &[usize], _: &[f32], _: usize| {
-        Ok(if group == [3] { vec![(3, zero_o())] } else { Vec::new() })
+    let mut hook = |_: usize, group: &[usize], event: GroupEvent<'_>| {
+        Ok(if group == [3] && matches!(event, GroupEvent::Complete) { vec![(3, zero_o())] } else { Vec::new() })
     };
     hooked.forward_block_with(0, &mut a, batch, seq, &mut hook).unwrap();
 
@@ -298,8 +345,8 @@ fn group_hook_replacements_take_effect_at_once_and_stay() {
     replaced.forward_block(0, &mut b2, batch, seq).unwrap();
     assert_eq!(a2, b2);
 
-    let mut wrong = |_: usize, group: &[usize], _: &[f32], _: usize| {
-        Ok(if group == [0, 1, 2] { vec![(3, zero_o())] } else { Vec::new() })
+    let mut wrong = |_: usize, group: &[usize], event: GroupEvent<'_>| {
+        Ok(if group == [0, 1, 2] && matches!(event, GroupEvent::Complete) { vec![(3, zero_o())] } else { Vec::new() })
     };
     let err = hooked.forward_block_with(0, &mut a2, batch, seq, &mut wrong).unwrap_err();
     assert!(format!("{err:#}").contains("o_proj"), "{err:#}");
