@@ -5,7 +5,8 @@
 //!
 //! - [`solver`]: the per-group solver, its defaults and where kvant departs from hqq 0.2.8;
 //! - [`bitpack`]: hqq's bit packing for 1, 2, 3, 4 and 8 bits;
-//! - [`format`]: the per-module tensors, quantization of a whole weight, dequantization.
+//! - [`format`]: the per-module tensors, quantization of a whole weight, dequantization;
+//! - [`gptq`]: the opt-in GPTQ export (`export_format = "gptq"`).
 //!
 //! `scripts/check-hqq-load.py` loads every Linear of a kvant output into hqq's own `HQQLinear`
 //! (all 210 of SmolLM2 at 4 and 3 bits load, worst weight error 0.088 and 0.232).
@@ -43,9 +44,25 @@
 //! g64 63.78 (kvant RTN 63.49, within the standard error of 2.7: from RTN's start the
 //! integer-zero iteration seldom finds a better zero); with `integer_zero=false` 167.7.
 //! Per layer, the weight error is never above RTN's (tests/reference.rs).
+//!
+//! # The GPTQ export, and what it keeps of HQQ
+//!
+//! hqq's layout loads in transformers (through hqq) and, at 4-bit group 64, in vLLM (its `hqq`
+//! method runs Marlin with float zeros; read from vLLM's source, not run here: it needs a GPU).
+//! `export_format = "gptq"` writes the GPTQ layout instead, which GPTQModel's kernels (CPU and
+//! GPU), transformers and vLLM's GPTQ kernels run at 2, 3, 4 and 8 bits ([`gptq`];
+//! `scripts/check-gptqmodel.py` loads it with GPTQModel). GPTQ's zero points are integers, and
+//! with an integer zero HQQ has nothing left to fit: its update `round(mean(q - w s))` from
+//! round-to-nearest's start lands on that same zero (the rounding residuals average to about 0),
+//! so the export holds RTN's parameters in nearly every group. SmolLM2-135M, 4-bit g64, same
+//! split: export 27.95, kvant RTN 27.96, hqq's own layout 26.17 (its float zeros are where the 4-bit
+//! gain is). Refitting the scale by least squares after the zero lowered the weight error (mean
+//! relative 0.0885 against 0.0943) but raised the perplexity to 28.71, by shrinking ranges and
+//! clipping the largest weights, so the export does not do it.
 
 pub mod bitpack;
 pub mod format;
+pub mod gptq;
 pub mod solver;
 
 use kvant_plugin_api::{
@@ -56,6 +73,7 @@ use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
 use format::{flag_tensor, i32_tensor, string_tensor, Layout, Packed};
+use gptq::{GptqLayout, GptqPacked};
 use solver::SolverParams;
 
 /// The `hqq` method.
@@ -83,7 +101,54 @@ pub fn solver_params(config: &Config) -> SolverParams {
         iters: config.int("iters") as u32,
         early_stop: config.bool("early_stop"),
         integer_zero: integer_zero(config),
+        stored: gptq_export(config).then(|| gptq::stored(gptq_v1(config))),
     }
+}
+
+/// The opt-in GPTQ export (see [`gptq`]) instead of hqq's own layout.
+fn gptq_export(config: &Config) -> bool {
+    config.str("export_format") == "gptq"
+}
+
+/// The export's GPTQ checkpoint format is v1 (`gptq`) rather than the default `gptq_v2`.
+fn gptq_v1(config: &Config) -> bool {
+    config.opt_str("checkpoint_format") == Some("gptq")
+}
+
+fn gptq_layout(out: usize, inp: usize, config: &Config) -> Result<GptqLayout> {
+    GptqLayout::new(out, inp, config.int("nbits") as u32, config.int("group_size") as usize, gptq_v1(config))
+}
+
+fn gptq_read(module: &ModuleTensors<'_>, config: &Config) -> Result<GptqPacked> {
+    GptqPacked::read(module, config.int("nbits") as u32, gptq_v1(config))
+}
+
+/// The `quantization_config` of the GPTQ export: GPTQModel's keys for an asymmetric v1
+/// checkpoint without act-order, and under `meta` who made it and with which HQQ settings.
+fn gptq_quantization_config(config: &Config) -> Map<String, Value> {
+    let qc = json!({
+        "quant_method": "gptq",
+        "bits": config.int("nbits"),
+        "group_size": config.int("group_size"),
+        "desc_act": false,
+        "sym": false,
+        "lm_head": false,
+        "checkpoint_format": if gptq_v1(config) { "gptq" } else { "gptq_v2" },
+        "pack_dtype": "int32",
+        "meta": {
+            "quantizer": [format!("kvant-hqq:{}", env!("CARGO_PKG_VERSION"))],
+            "hqq": {
+                "optimize": config.bool("optimize"),
+                "lp_norm": config.float("lp_norm"),
+                "beta": config.float("beta"),
+                "kappa": config.float("kappa"),
+                "iters": config.int("iters"),
+                "early_stop": config.bool("early_stop"),
+                "integer_zero": true,
+            },
+        },
+    });
+    qc.as_object().unwrap().clone()
 }
 
 fn layout(out: usize, inp: usize, config: &Config) -> Result<Layout> {
@@ -149,6 +214,19 @@ impl QuantMethod for Hqq {
                 OptionSpec::bool("early_stop", true, "stop a group when its squared error stops falling"),
                 OptionSpec::bool("integer_zero", false, "kvant: keep zero points integers so 0 stays exact (default: below 4 bits)").optional(),
                 OptionSpec::choice("compute_dtype", "", &["float16", "bfloat16", "float32"], "dtype of scale, zero and bias (default: the weight's)").optional(),
+                OptionSpec::choice(
+                    "export_format",
+                    "hqq",
+                    &["hqq", "gptq"],
+                    "hqq: hqq's own layout; gptq: the GPTQ layout GPTQModel/transformers/vLLM load (integer zeros, axis 1)",
+                ),
+                OptionSpec::choice(
+                    "checkpoint_format",
+                    "",
+                    &["gptq_v2", "gptq"],
+                    "with export_format gptq: gptq_v2 (default; GPTQModel, transformers) or gptq (v1, zero - 1 stored)",
+                )
+                .optional(),
             ],
             tolerance: 0.15,
             forward_tolerance: kvant_plugin_api::DEFAULT_FORWARD_TOLERANCE,
@@ -161,6 +239,23 @@ impl QuantMethod for Hqq {
         let g = config.int("group_size");
         if g % 8 != 0 {
             problems.push(ConfigProblem::new("group_size", format!("hqq needs a multiple of 8, got {g}")));
+        }
+        if gptq_export(config) {
+            let why = "with export_format = \"gptq\"";
+            if config.int("axis") != 1 {
+                problems.push(ConfigProblem::new("axis", format!("{why} groups are consecutive inputs of a row: axis must be 1")));
+            }
+            if config.int("nbits") == 1 {
+                problems.push(ConfigProblem::new("nbits", format!("{why} nbits must be 2, 3, 4 or 8 (GPTQ's widths)")));
+            }
+            if config.get("integer_zero").and_then(Value::as_bool) == Some(false) {
+                problems.push(ConfigProblem::new("integer_zero", format!("{why} zero points are stored as integers: integer_zero cannot be false")));
+            }
+            if config.opt_str("compute_dtype").is_some() {
+                problems.push(ConfigProblem::new("compute_dtype", format!("{why} scales and bias are stored in F16")));
+            }
+        } else if config.opt_str("checkpoint_format").is_some() {
+            problems.push(ConfigProblem::new("checkpoint_format", "applies to export_format = \"gptq\" only"));
         }
         problems
     }
@@ -184,6 +279,15 @@ impl QuantMethod for Hqq {
 
     fn plan_linear(&self, module: &Module, config: &Config) -> Result<Option<ModulePlan>> {
         let (out, inp) = module.linear_shape().expect("host passes Linear modules only");
+        if gptq_export(config) {
+            return Ok(match gptq_layout(out, inp, config) {
+                Ok(l) => Some(ModulePlan { name: module.name.clone(), shape: (out, inp), tensors: l.specs(module.has_bias()), attrs: json!(null) }),
+                Err(e) => {
+                    log::warn!("`{}` stays dense: {e}", module.name);
+                    None
+                }
+            });
+        }
         let l = match layout(out, inp, config) {
             Ok(l) => l,
             Err(e) => {
@@ -208,18 +312,24 @@ impl QuantMethod for Hqq {
 
     fn quantize(&self, weights: &ModuleTensors<'_>, _: Option<&NoCalibration>, config: &Config) -> Result<Quantized> {
         let (out, inp) = weights.plan.shape;
-        let l = layout(out, inp, config)?;
         let weight = weights.get("weight")?;
-        let dtype = compute_dtype(Some(weight.dtype), config);
         let w = weight.as_f32();
-        let (w_q, scale, zero, sq_error) = l.quantize(&w, &solver_params(config));
-        let spec = l.w_q_spec();
-        let mut tensors = vec![
-            Tensor { name: spec.name, dtype: spec.dtype, shape: spec.shape, data: w_q },
-            Tensor::from_f32_as("scale", dtype, l.meta_shape(), &scale),
-            Tensor::from_f32_as("zero", dtype, l.meta_shape(), &zero),
-        ];
-        tensors.extend(meta_tensors(&l, dtype, config));
+        let (mut tensors, sq_error, dtype) = if gptq_export(config) {
+            let (tensors, sq_error) = gptq_layout(out, inp, config)?.quantize(&w, &solver_params(config));
+            (tensors, sq_error, DType::F16)
+        } else {
+            let l = layout(out, inp, config)?;
+            let dtype = compute_dtype(Some(weight.dtype), config);
+            let (w_q, scale, zero, sq_error) = l.quantize(&w, &solver_params(config));
+            let spec = l.w_q_spec();
+            let mut tensors = vec![
+                Tensor { name: spec.name, dtype: spec.dtype, shape: spec.shape, data: w_q },
+                Tensor::from_f32_as("scale", dtype, l.meta_shape(), &scale),
+                Tensor::from_f32_as("zero", dtype, l.meta_shape(), &zero),
+            ];
+            tensors.extend(meta_tensors(&l, dtype, config));
+            (tensors, sq_error, dtype)
+        };
         if let Some(b) = weights.find("bias") {
             tensors.push(Tensor::from_f32_as("bias", dtype, b.shape.to_vec(), &b.to_f32()));
         }
@@ -229,6 +339,9 @@ impl QuantMethod for Hqq {
     }
 
     fn process_model_after_weight_loading(&self, _summary: &Summary, config: &Config) -> Result<Map<String, Value>> {
+        if gptq_export(config) {
+            return Ok(gptq_quantization_config(config));
+        }
         // What transformers' prepare_for_hqq_linear stores for an HqqConfig (hqq's
         // BaseQuantizeConfig), keys sorted as config.json writes them.
         let qc = json!({
@@ -252,16 +365,34 @@ impl QuantMethod for Hqq {
         Ok(qc.as_object().unwrap().clone())
     }
 
-    fn linear_shape(&self, module: &ModuleTensors<'_>, _: &Config) -> Result<(usize, usize)> {
+    fn linear_shape(&self, module: &ModuleTensors<'_>, config: &Config) -> Result<(usize, usize)> {
+        if gptq_export(config) {
+            let l = gptq_read(module, config)?.layout;
+            return Ok((l.out, l.inp));
+        }
         let p = Packed::read(&module.plan.name, |n| module.get(n))?;
         Ok((p.layout.out, p.layout.inp))
     }
 
-    fn dequantize(&self, module: &ModuleTensors<'_>, _: &Config) -> Result<Vec<f32>> {
+    fn dequantize(&self, module: &ModuleTensors<'_>, config: &Config) -> Result<Vec<f32>> {
+        if gptq_export(config) {
+            return Ok(gptq_read(module, config)?.dequantize());
+        }
         Ok(Packed::read(&module.plan.name, |n| module.get(n))?.dequantize())
     }
 
-    fn forward(&self, module: &ModuleTensors<'_>, x: &[f32], rows: usize, _: &Config) -> Result<Vec<f32>> {
+    fn forward(&self, module: &ModuleTensors<'_>, x: &[f32], rows: usize, config: &Config) -> Result<Vec<f32>> {
+        if gptq_export(config) {
+            // The export is read back by the `gptq` method; here only the host's checks of the
+            // fresh output run it, so one dequantization and a matrix product do.
+            let w = gptq_read(module, config)?;
+            let (out, inp) = (w.layout.out, w.layout.inp);
+            if x.len() != rows * inp {
+                return Err(Error::new(format!("`{}`: input is not [{rows}, {inp}]", module.plan.name)));
+            }
+            let bias = module.find("bias").map(|b| b.to_f32());
+            return Ok(dense::linear_forward(x, rows, &w.dequantize(), (out, inp), bias.as_deref()));
+        }
         let p = Packed::read(&module.plan.name, |n| module.get(n))?;
         let (out, inp) = (p.layout.out, p.layout.inp);
         if x.len() != rows * inp {

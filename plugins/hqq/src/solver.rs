@@ -54,11 +54,33 @@ pub struct SolverParams {
     /// Keep zero points integers (round the start and every update), so that code `zero`
     /// dequantizes to exactly 0 (kvant's addition; see the crate documentation).
     pub integer_zero: bool,
+    /// For storage formats with integer zero points (the GPTQ export): with `integer_zero`,
+    /// zeros stay within `[min_zero, 2^nbits - 1]` and the scale (`1 / inv_scale`) is one F16
+    /// holds, so that the error the solver minimises is the stored one.
+    pub stored: Option<StoredAs>,
+}
+
+/// What an integer-zero storage format can hold (see [`SolverParams::stored`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StoredAs {
+    /// The lowest zero point: 1 for GPTQ's v1 layout, which stores `zero - 1` unsigned.
+    pub min_zero: f32,
 }
 
 impl Default for SolverParams {
     fn default() -> Self {
-        SolverParams { nbits: 4, round_zero: true, optimize: true, lp_norm: 0.7, beta: 10.0, kappa: 1.01, iters: 20, early_stop: true, integer_zero: false }
+        SolverParams {
+            nbits: 4,
+            round_zero: true,
+            optimize: true,
+            lp_norm: 0.7,
+            beta: 10.0,
+            kappa: 1.01,
+            iters: 20,
+            early_stop: true,
+            integer_zero: false,
+            stored: None,
+        }
     }
 }
 
@@ -167,6 +189,24 @@ pub fn min_max(w: &[f32], nbits: u32, round_zero: bool, with_zero: bool) -> (f32
     (s, if round_zero { z.round_ties_even() } else { z })
 }
 
+/// The start for an integer-zero storage format: round-to-nearest's parameters (range widened
+/// to include 0, scale rounded to F16 as stored, zero rounded), the zero kept within
+/// `[min_zero, maxq]`.
+pub fn stored_start(w: &[f32], nbits: u32, stored: StoredAs) -> (f32, f32) {
+    let maxq = ((1u32 << nbits) - 1) as f32;
+    let (lo, hi) = w.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let denom = hi - lo;
+    // hqq's guards as in `min_max`: scale 1 for a (near) constant group, inverse scale <= 2e4.
+    let scale = if denom.abs() <= 1e-4 { 1.0 } else { (denom / maxq).max(1.0 / 2e4) };
+    let s = 1.0 / f16_round(scale);
+    (s, (-lo * s).round_ties_even().clamp(stored.min_zero, maxq))
+}
+
+/// `x` rounded to the nearest F16 value, as an f32.
+fn f16_round(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
 /// Fits one group and writes its codes into `codes` (same length as `w`).
 pub fn fit_group(w: &[f32], p: &SolverParams, codes: &mut [u8]) -> GroupFit {
     #[cfg(target_arch = "x86_64")]
@@ -187,7 +227,13 @@ unsafe fn fit_group_avx2(w: &[f32], p: &SolverParams, codes: &mut [u8]) -> Group
 #[inline(always)]
 fn fit(w: &[f32], p: &SolverParams, codes: &mut [u8]) -> GroupFit {
     let maxq = ((1u32 << p.nbits) - 1) as f32;
-    let (s, z0) = min_max(w, p.nbits, p.round_zero || p.integer_zero, p.integer_zero);
+    let stored = p.stored.filter(|_| p.integer_zero);
+    let (s, z0) = match stored {
+        Some(st) => stored_start(w, p.nbits, st),
+        None => min_max(w, p.nbits, p.round_zero || p.integer_zero, p.integer_zero),
+    };
+    // An integer zero moves within the codes the format can store.
+    let zero_range = stored.map_or((f32::NEG_INFINITY, f32::INFINITY), |st| (st.min_zero, maxq));
     let (l2_0, mut acc, mut big) = evaluate(w, s, z0, maxq);
     let mut best = GroupFit { inv_scale: s, zero: z0, sq_error: l2_0 as f64, optimized: false };
     if p.optimize && !w.is_empty() {
@@ -204,7 +250,7 @@ fn fit(w: &[f32], p: &SolverParams, codes: &mut [u8]) -> GroupFit {
             }
             z = (acc + shift) / n;
             if p.integer_zero {
-                z = z.round_ties_even();
+                z = z.round_ties_even().clamp(zero_range.0, zero_range.1);
             }
             beta *= p.kappa;
             let (l2, a, b) = evaluate(w, s, z, maxq);
@@ -287,6 +333,38 @@ mod tests {
                 total += 1;
             }
             assert!(nbits == 8 || better * 4 > total, "{nbits} bits: optimised only {better}/{total}");
+        }
+    }
+
+    #[test]
+    fn stored_start_is_round_to_nearest_with_zeros_from_min_zero() {
+        let st = StoredAs { min_zero: 1.0 };
+        // [-1, 2] at 4 bits: scale 3/15 = 0.2 rounded to F16, zero round(1 / 0.2) = 5.
+        let (s, z) = stored_start(&[-1.0, 0.5, 2.0], 4, st);
+        assert_eq!(f16_round(1.0 / s), f16_round(0.2));
+        assert!((1.0 / s - f16_round(0.2)).abs() < 1e-7 && z == 5.0, "{s} {z}");
+        // Non-negative weights would take zero 0; GPTQ's v1 layout starts at 1.
+        assert_eq!(stored_start(&[0.1, 0.5], 4, st).1, 1.0);
+        // The range includes 0: [1, 3] at 2 bits is fitted as [0, 3], step 1.
+        assert_eq!(stored_start(&[1.0, 3.0], 2, st), (1.0, 1.0));
+    }
+
+    #[test]
+    fn stored_fit_is_never_worse_than_its_start_and_keeps_its_zeros_storable() {
+        for nbits in [2, 3, 4, 8] {
+            for g in 0..100 {
+                let mut w = gaussian(64, 1000 + g);
+                if g % 10 == 0 {
+                    w.iter_mut().for_each(|v| *v = v.abs());
+                }
+                let p = SolverParams { nbits, integer_zero: true, stored: Some(StoredAs { min_zero: 1.0 }), ..Default::default() };
+                let (mut codes, mut rtn_codes) = (vec![0u8; 64], vec![0u8; 64]);
+                let fit = fit_group(&w, &p, &mut codes);
+                let rtn = fit_group(&w, &SolverParams { optimize: false, ..p }, &mut rtn_codes);
+                assert_eq!((rtn.inv_scale, rtn.zero), stored_start(&w, nbits, StoredAs { min_zero: 1.0 }));
+                assert!(fit.zero.fract() == 0.0 && fit.zero >= 1.0 && fit.zero <= ((1 << nbits) - 1) as f32, "zero {}", fit.zero);
+                assert!(sq_error(&w, &codes, &fit) <= sq_error(&w, &rtn_codes, &rtn) * (1.0 + 1e-5), "{nbits} bits, group {g}");
+            }
         }
     }
 
