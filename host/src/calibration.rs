@@ -21,6 +21,7 @@ use kvant_plugin_api::{Config, ModulePlan, Plan, Quantized, Tensor, TensorView};
 
 use crate::checkpoint::Checkpoint;
 use crate::lifecycle::{check_against_plan, module_views};
+use crate::model::bf16::{self, Bf16Linear};
 use crate::model::{DenseLinear, GroupEvent, LinearOp, LlamaModel, BLOCK_LINEARS};
 use crate::packed::PackedLinear;
 use crate::progress::Bar;
@@ -36,11 +37,14 @@ pub struct CalibrationSpec {
     pub seq_len: usize,
     /// Seed of the window choice.
     pub seed: u64,
+    /// Run the calibration forwards with BF16 products (F32 sums) where the CPU has
+    /// AVX512-BF16: about twice as fast; the method still receives F32 inputs.
+    pub bf16_products: bool,
 }
 
 impl Default for CalibrationSpec {
     fn default() -> Self {
-        CalibrationSpec { paths: Vec::new(), n_samples: 128, seq_len: 512, seed: 0 }
+        CalibrationSpec { paths: Vec::new(), n_samples: 128, seq_len: 512, seed: 0, bf16_products: true }
     }
 }
 
@@ -136,7 +140,7 @@ pub type Emit<'a> = dyn FnMut(&ModulePlan, &Quantized, &[TensorView<'_>]) -> Res
 
 /// Quantizes the planned modules of `model` (loaded from `checkpoint`, whose original weights
 /// the method receives) block by block on calibration `tokens`
-/// (`n_samples` windows of `seq_len`), replacing each by its packed version as soon as it is
+/// (`spec.n_samples` windows of `spec.seq_len`), replacing each by its packed version as soon as it is
 /// done, and handing every result to `emit` (which writes it). Returns the dense tensors that
 /// input-scale folding changed (full names, F32), which the output must store instead of the
 /// checkpoint's.
@@ -148,15 +152,16 @@ pub fn quantize_calibrated(
     config: &Config,
     plan: &Plan,
     tokens: &[u32],
-    windows: (usize, usize),
+    spec: &CalibrationSpec,
     true_sequential: bool,
     bar: &Bar,
     emit: &mut Emit,
 ) -> Result<Vec<(String, Tensor)>> {
+    let (n_samples, seq_len) = (spec.n_samples, spec.seq_len);
     if plan.fold_input_scales {
-        return quantize_folded(checkpoint, model, method, config, plan, tokens, windows, bar, emit);
+        return quantize_folded(checkpoint, model, method, config, plan, tokens, (n_samples, seq_len), bar, emit);
     }
-    let (n_samples, seq_len) = windows;
+    let bf16 = spec.bf16_products && bf16::available();
     let mut hidden = model.embed(tokens)?;
     for block in 0..model.config().num_layers {
         // The observer of the group being fed, with the group's planned members.
@@ -169,7 +174,7 @@ pub fn quantize_calibrated(
                 if let Some((members, observer)) = feed(method, config, plan, &mut current, block, group, event)? {
                     return members
                         .iter()
-                        .map(|&(j, m)| Ok((j, quantize_member(checkpoint, method, config, bar, m, &observer, emit)?)))
+                        .map(|&(j, m)| Ok((j, quantize_member(checkpoint, method, config, bar, m, &observer, bf16, emit)?)))
                         .collect();
                 }
                 Ok(Vec::new())
@@ -186,7 +191,7 @@ pub fn quantize_calibrated(
             model.forward_block_with(block, &mut hidden.clone(), n_samples, seq_len, &mut hook)?;
             for (members, observer) in observed {
                 for (_, m) in members {
-                    let op = quantize_member(checkpoint, method, config, bar, m, &observer, emit)?;
+                    let op = quantize_member(checkpoint, method, config, bar, m, &observer, bf16, emit)?;
                     model.replace_linear(&m.name, op)?;
                 }
             }
@@ -241,7 +246,9 @@ fn feed<'p, 'm>(
 }
 
 /// Quantizes one planned module from its checkpoint weights and its group's observer, writes it,
-/// and returns its packed Linear.
+/// and returns the Linear later calibration forwards run it as: its packed form, or with
+/// `bf16`, its dequantized weights in BF16.
+#[allow(clippy::too_many_arguments)]
 fn quantize_member(
     checkpoint: &Checkpoint,
     method: &Arc<MethodClient>,
@@ -249,12 +256,24 @@ fn quantize_member(
     bar: &Bar,
     m: &ModulePlan,
     observer: &ObserverHandle<'_>,
+    bf16: bool,
     emit: &mut Emit,
 ) -> Result<Box<dyn LinearOp>> {
     bar.step(&m.name);
     let views = module_views(checkpoint, &m.name)?;
     let q = quantize_one(method, config, m, &views, observer)?;
-    finish_module(method, config, bar, m, q, &views, emit)
+    if !bf16 {
+        return finish_module(method, config, bar, m, q, &views, emit);
+    }
+    let tensors: Vec<TensorView<'_>> = q.tensors.iter().map(Tensor::view).collect();
+    let bias = tensors.iter().find(|t| t.name == "bias").map(TensorView::to_f32);
+    let (out, inp) = m.shape;
+    let linear = method
+        .dequantize_with(m, &tensors, config, |w| Bf16Linear::new(w, bias, out, inp))
+        .map_err(|e| anyhow!("method `{}` dequantizing `{}`: {e}", method.info().name, m.name))??;
+    drop(tensors);
+    finish_module(method, config, bar, m, q, &views, emit)?;
+    Ok(Box::new(linear))
 }
 
 /// Reports and writes one quantized module and returns its packed Linear; `reference` is the

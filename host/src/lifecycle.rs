@@ -405,11 +405,10 @@ fn quantize_once(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeR
             );
         }
         let true_sequential = config.get("true_sequential").and_then(Value::as_bool).unwrap_or(true);
-        let windows = (spec.n_samples, spec.seq_len);
         let mut emit = |p: &ModulePlan, q: &Quantized, dense: &[TensorView<'_>]| {
             record(p, &q.tensors.iter().map(Tensor::view).collect::<Vec<_>>(), q.loss, dense)
         };
-        folded = quantize_calibrated(&checkpoint, &mut model, method, &config, &plan, &tokens, windows, true_sequential, &bar, &mut emit)?
+        folded = quantize_calibrated(&checkpoint, &mut model, method, &config, &plan, &tokens, spec, true_sequential, &bar, &mut emit)?
             .into_iter()
             .collect();
     } else {

@@ -1,6 +1,7 @@
 //! The Llama-family forward pass (llama, mistral, qwen2; SmolLM is a llama) in F32, batched over
 //! windows, with every Linear behind [`LinearOp`] so quantized layers can replace dense ones.
 
+pub mod bf16;
 mod config;
 mod linear;
 mod llama;
