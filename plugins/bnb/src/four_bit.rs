@@ -337,7 +337,7 @@ pub fn dequantize(packed: &[u8], absmax: &[f32], n: usize, blocksize: usize, qt:
         return Err(Error::new(format!("{} absmax values for {} blocks", absmax.len(), n.div_ceil(blocksize))));
     }
     let codes = qt.dequant_codes();
-    let mut out = vec![0f32; n];
+    let mut out = kvant_plugin_api::dense::zeroed(n);
     out.par_chunks_mut(blocksize).zip(absmax.par_iter()).enumerate().for_each(|(b, (dst, &scale))| {
         let bytes = &packed[b * blocksize / 2..];
         for (i, d) in dst.iter_mut().enumerate() {

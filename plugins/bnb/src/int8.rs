@@ -83,7 +83,7 @@ fn to_i8(v: f32) -> i8 {
 
 /// Dequantizes to F32: `(CB * SCB) * (1/127)`, as bitsandbytes does.
 pub fn dequantize(w: &Int8Weight) -> Vec<f32> {
-    let mut out = vec![0f32; w.cb.len()];
+    let mut out = kvant_plugin_api::dense::zeroed(w.cb.len());
     out.par_chunks_mut(w.cols).zip(w.cb.par_chunks(w.cols)).zip(w.scb.par_iter()).for_each(|((o, q), &s)| {
         for (o, &q) in o.iter_mut().zip(q) {
             *o = (q as f32 * s) * INV_127;

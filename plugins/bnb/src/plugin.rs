@@ -6,12 +6,13 @@ use kvant_plugin_api::{
     Config, ConfigProblem, DType, Error, Flags, MethodInfo, Module, ModulePlan, ModuleTensors, NoCalibration,
     OptionSpec, QuantMethod, Quantized, Result, Summary, Tensor, TensorSpec, TensorView, DEFAULT_FORWARD_TOLERANCE,
 };
+use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
 use crate::double_quant::{self, NestedAbsmax, NESTED_BLOCKSIZE};
 use crate::forward::{self, Weight4};
 use crate::four_bit::{self, QuantType};
-use crate::input::{encode, Floats};
+use crate::input::Floats;
 use crate::int8::{self, Int8Weight, WEIGHT_FORMAT_ROW};
 use crate::quant_state::{NestedMeta, QuantStateMeta};
 
@@ -329,11 +330,15 @@ impl QuantMethod for Bnb4 {
     fn dequantize(&self, module: &ModuleTensors<'_>, _: &Config) -> Result<Vec<f32>> {
         let (meta, packed, absmax) = self.read(module)?;
         let n = meta.shape.iter().product();
-        let w = four_bit::dequantize(packed, &absmax, n, meta.blocksize, meta.quant_type)?;
-        Ok(match meta.dtype {
-            DType::F32 => w,
-            dtype => Floats::new(dtype, &encode(&w, dtype)?)?.to_vec(),
-        })
+        let mut w = four_bit::dequantize(packed, &absmax, n, meta.blocksize, meta.quant_type)?;
+        // Rounded to the original dtype in place, in parallel.
+        match meta.dtype {
+            DType::F32 => {}
+            DType::F16 => w.par_iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+            DType::BF16 => w.par_iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+            other => return Err(Error::new(format!("`{}`: quant_state dtype {other} is not F32, F16 or BF16", module.plan.name))),
+        }
+        Ok(w)
     }
 
     fn forward(&self, module: &ModuleTensors<'_>, x: &[f32], rows: usize, _: &Config) -> Result<Vec<f32>> {

@@ -86,12 +86,13 @@ impl QuantMethod for Rtn {
         let layout = Layout::new(out, inp, params(config));
         let w = weights.get("weight")?.as_f32();
         let packed = layout.quantize(&w);
+        // The byte buffers become the tensors as they are (no copy).
         let mut tensors = vec![
-            Tensor::from_slice("qweight", DType::U8, [out, layout.row_bytes], &packed.qweight),
+            Tensor { name: "qweight".into(), dtype: DType::U8, shape: vec![out, layout.row_bytes], data: packed.qweight },
             Tensor::from_f32_as("scales", DType::F16, [out, layout.groups], &packed.scales),
         ];
         if !layout.params.sym {
-            tensors.push(Tensor::from_slice("zeros", DType::U8, [out, layout.groups], &packed.zeros));
+            tensors.push(Tensor { name: "zeros".into(), dtype: DType::U8, shape: vec![out, layout.groups], data: packed.zeros });
         }
         if let Some(b) = weights.find("bias") {
             tensors.push(Tensor { name: "bias".into(), dtype: b.dtype, shape: b.shape.to_vec(), data: b.data.to_vec() });
