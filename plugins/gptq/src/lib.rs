@@ -139,12 +139,14 @@ impl QuantMethod for Gptq {
                     "added to damp_percent while the Hessian is not positive definite (0: fail instead)",
                 ),
                 OptionSpec::bool("true_sequential", true, "quantize q/k/v, o, gate/up, down in turn, each seeing quantized inputs"),
+                // On by default (GPTQModel's default is 0): on SmolLM2 4-bit g128 it takes the
+                // perplexity from 30.38 to 28.96 for a few seconds of search.
                 OptionSpec::float(
                     "mse",
-                    0.0,
+                    2.4,
                     0.0,
                     100.0,
-                    "clipping-grid search for group scales: error norm exponent (2.4 as GPTQModel); 0 disables",
+                    "clipping-grid search for group scales: error norm exponent (GPTQModel's mse); 0 disables",
                 ),
                 OptionSpec::choice("checkpoint_format", "gptq", &["gptq", "gptq_v2"], "gptq (v1, stores zero-1) or gptq_v2"),
                 OptionSpec::bool(
