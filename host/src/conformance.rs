@@ -528,6 +528,7 @@ mod tests {
                 tolerance: 1e-6,
                 forward_tolerance: self.forward_tolerance,
                 read_only: self.read_only,
+                config_files: Vec::new(),
             }
         }
 

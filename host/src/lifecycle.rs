@@ -470,6 +470,10 @@ fn quantize_once(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeR
     if let Some(d) = dtype {
         obj.insert("torch_dtype".into(), d.torch_name().into());
     }
+    for file in &info.config_files {
+        let text = serde_json::to_string_pretty(&obj["quantization_config"]).expect("a JSON value serializes");
+        writer.write_file(file, format!("{text}\n").as_bytes()).with_context(|| format!("method `{name}`: config file `{file}`"))?;
+    }
     let bytes_out = writer.data_bytes();
     writer.finish(&out_config, checkpoint.companion_files())?;
 

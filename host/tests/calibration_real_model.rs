@@ -120,4 +120,7 @@ fn true_sequential_feeds_later_groups_through_quantized_ones() {
         assert!(!same(module), "{module} is identical: it did not see the quantized groups' outputs");
     }
     assert!(a.view("model.layers.1.self_attn.q_proj.weight").is_ok(), "block 1 should have stayed dense");
+    // GPTQModel and AutoGPTQ read the settings from quantize_config.json too.
+    let read = |f: &str| serde_json::from_slice::<serde_json::Value>(&std::fs::read(seq.join(f)).unwrap()).unwrap();
+    assert_eq!(read("quantize_config.json"), read("config.json")["quantization_config"]);
 }

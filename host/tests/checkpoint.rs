@@ -187,6 +187,28 @@ fn single_file_path_opens_with_empty_config() {
     assert_eq!(checkpoint.model_dir(), dir.path());
 }
 
+/// A method's extra config file lands beside config.json; names that are paths or the
+/// checkpoint's own files are refused.
+#[test]
+fn extra_files_are_plain_names_beside_the_checkpoint() {
+    let tensors = sample_tensors();
+    let parent = TempDir::new().unwrap();
+    let out = parent.path().join("out");
+    let writer = CheckpointWriter::create(&out, specs(&tensors), WriterOptions::default()).unwrap();
+    for bad in ["../escape.json", "sub/x.json", "/abs.json", "", "..", "config.json", "model.safetensors"] {
+        let err = writer.write_file(bad, b"{}").unwrap_err();
+        assert!(format!("{err:#}").contains(&format!("`{bad}`")), "{bad}: {err:#}");
+    }
+    writer.write_file("quantize_config.json", b"{\"bits\": 4}\n").unwrap();
+    for tensor in &tensors {
+        writer.write(&tensor.name, &tensor.data).unwrap();
+    }
+    writer.finish(&sample_config(), &[]).unwrap();
+    assert_eq!(entries(&out), ["config.json", "model.safetensors", "quantize_config.json"]);
+    assert_eq!(fs::read(out.join("quantize_config.json")).unwrap(), b"{\"bits\": 4}\n");
+    assert_eq!(entries(parent.path()), ["out"]);
+}
+
 #[test]
 fn round_trip_single_file_with_out_of_order_writes() {
     let tensors = sample_tensors();

@@ -60,6 +60,11 @@ pub struct MethodInfo {
     /// refusal instead of a round trip (contract 1.2; absent: false).
     #[serde(default)]
     pub read_only: bool,
+    /// Files written beside `config.json` with the same `quantization_config` dictionary, for
+    /// the tools that read it from there, e.g. GPTQ's `quantize_config.json` (GPTQModel,
+    /// AutoGPTQ). Plain file names (contract 1.2; absent: none).
+    #[serde(default)]
+    pub config_files: Vec<String>,
 }
 
 /// The `forward` tolerance of methods that declare none: float sums in another order.

@@ -18,7 +18,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use kvant_plugin_api::{Tensor, TensorSpec, TensorView};
 use serde_json::Value;
 
@@ -588,6 +588,17 @@ impl CheckpointWriter {
                 .with_context(|| format!("cannot sync {} to disk", target.display()))?;
         }
         Ok(())
+    }
+
+    /// Adds a small file to the output (e.g. a method's `quantize_config.json`), written when
+    /// called and installed with the rest. `name` must be a plain file name that is not one of
+    /// the checkpoint's own files.
+    pub fn write_file(&self, name: &str, contents: &[u8]) -> Result<()> {
+        let plain = !name.is_empty() && Path::new(name).file_name().is_some_and(|f| f == name) && name != "." && name != "..";
+        ensure!(plain, "cannot add `{name}` to {}: not a plain file name", self.out_dir.display());
+        let own = name == CONFIG_FILE || name == INDEX_FILE || self.shards.iter().any(|s| s.path.file_name().is_some_and(|f| f == name));
+        ensure!(!own, "cannot add `{name}` to {}: the checkpoint writes that file itself", self.out_dir.display());
+        self.write_new_file(name, contents)
     }
 
     fn write_new_file(&self, name: &str, contents: &[u8]) -> Result<()> {

@@ -126,6 +126,7 @@ impl QuantMethod for Awq {
             tolerance: 0.2,
             forward_tolerance: kvant_plugin_api::DEFAULT_FORWARD_TOLERANCE,
             read_only: false,
+            config_files: Vec::new(),
         }
     }
 

@@ -237,6 +237,7 @@ impl QuantMethod for Bnb4 {
             // The packed forward decodes the same weights; only the sums' order differs.
             forward_tolerance: DEFAULT_FORWARD_TOLERANCE,
             read_only: false,
+            config_files: Vec::new(),
         }
     }
 
@@ -404,6 +405,7 @@ impl QuantMethod for BnbInt8 {
             // its 3-row batches; 3 % allows for that spread.
             forward_tolerance: 0.03,
             read_only: false,
+            config_files: Vec::new(),
         }
     }
 

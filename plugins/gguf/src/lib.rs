@@ -88,6 +88,7 @@ impl QuantMethod for Gguf {
             forward_tolerance: kvant_plugin_api::DEFAULT_FORWARD_TOLERANCE,
             // Reads GGUF only: planning refuses, and `kvant plugin check` checks that refusal.
             read_only: true,
+            config_files: Vec::new(),
         }
     }
 

@@ -164,6 +164,7 @@ impl QuantMethod for Gptq {
             tolerance: 0.25,
             forward_tolerance: kvant_plugin_api::DEFAULT_FORWARD_TOLERANCE,
             read_only: false,
+            config_files: vec!["quantize_config.json".into()],
         }
     }
 

@@ -231,6 +231,7 @@ impl QuantMethod for Hqq {
             tolerance: 0.15,
             forward_tolerance: kvant_plugin_api::DEFAULT_FORWARD_TOLERANCE,
             read_only: false,
+            config_files: Vec::new(),
         }
     }
 

@@ -57,6 +57,7 @@ impl QuantMethod for Rtn {
             // `forward` decodes the same weights and only sums in another order.
             forward_tolerance: DEFAULT_FORWARD_TOLERANCE,
             read_only: false,
+            config_files: Vec::new(),
         }
     }
 

@@ -61,6 +61,7 @@ impl QuantMethod for AbsmaxInt8 {
             // `forward` is dequantize + matrix product (the trait's default): only the sums' order differs.
             forward_tolerance: kvant_plugin_api::DEFAULT_FORWARD_TOLERANCE,
             read_only: false,
+            config_files: Vec::new(),
         }
     }
 
