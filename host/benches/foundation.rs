@@ -128,6 +128,18 @@ fn quantize_once(root: &Path, model: &Path, out: &Path) -> Run {
     Run { seconds, cpu, peak_mib: field("Maximum resident set size (kbytes):") / 1024.0 }
 }
 
+/// User + system CPU seconds of this process so far (all threads).
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF always exists.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -192,31 +204,35 @@ fn main() {
     let rtn = kvant_rtn::Rtn;
     // Each side returns the seconds spent in quantize and in dequantize + error.
     let in_process = || {
-        let mut t = [0.0; 2];
+        let mut t = [0.0; 4];
         for (p, views) in &modules {
-            let started = Instant::now();
+            let (started, cpu) = (Instant::now(), cpu_seconds());
             let q = rtn.quantize(&ModuleTensors { plan: p, tensors: views }, None, &config).unwrap();
             t[0] += started.elapsed().as_secs_f64();
-            let started = Instant::now();
+            t[2] += cpu_seconds() - cpu;
+            let (started, cpu) = (Instant::now(), cpu_seconds());
             let qv: Vec<TensorView<'_>> = q.tensors.iter().map(|t| t.view()).collect();
             let back = rtn.dequantize(&ModuleTensors { plan: p, tensors: &qv }, &config).unwrap();
             std::hint::black_box(relative_error(&back, &views[0].as_f32()));
             t[1] += started.elapsed().as_secs_f64();
+            t[3] += cpu_seconds() - cpu;
         }
         t
     };
     // As the lifecycle calls the plugin: the packed tensors stay lent in the plugin's memory.
     let through_plugin = || {
-        let mut t = [0.0; 2];
+        let mut t = [0.0; 4];
         for (p, views) in &modules {
-            let started = Instant::now();
+            let (started, cpu) = (Instant::now(), cpu_seconds());
             let q = client.quantize_lent(p, views, None, &config).unwrap();
             t[0] += started.elapsed().as_secs_f64();
-            let started = Instant::now();
+            t[2] += cpu_seconds() - cpu;
+            let (started, cpu) = (Instant::now(), cpu_seconds());
             let qv = q.views();
             let error = client.dequantize_with(p, &qv, &config, |back| relative_error(back, &views[0].as_f32()));
             std::hint::black_box(error.unwrap());
             t[1] += started.elapsed().as_secs_f64();
+            t[3] += cpu_seconds() - cpu;
         }
         t
     };
@@ -241,8 +257,16 @@ fn main() {
         modules.len(),
         weights as f64 / 1e6
     );
-    let phases: [(&str, fn(&[f64; 2]) -> f64); 3] =
-        [("quantize", |t| t[0]), ("dequantize + error", |t| t[1]), ("both", |t| t[0] + t[1])];
+    // Wall time, and the CPU time of the whole process (every thread, both pools), which the
+    // other processes of a shared machine disturb far less.
+    let phases: [(&str, fn(&[f64; 4]) -> f64); 6] = [
+        ("quantize", |t| t[0]),
+        ("dequantize + error", |t| t[1]),
+        ("both", |t| t[0] + t[1]),
+        ("quantize, CPU", |t| t[2]),
+        ("deq. + error, CPU", |t| t[3]),
+        ("both, CPU", |t| t[2] + t[3]),
+    ];
     for (name, phase) in phases {
         let (x, y): (Vec<f64>, Vec<f64>) = (a.iter().map(phase).collect(), b.iter().map(phase).collect());
         let ratios = x.iter().zip(&y).map(|(x, y)| y / x).collect();
