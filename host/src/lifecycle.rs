@@ -605,10 +605,11 @@ pub fn dequantize(registry: &Registry, model: &Path, out: &Path, dtype: DType, f
     let bar = Bar::new(specs.len() as u64, "dequantize", progress);
     for p in &packed {
         bar.step(&p.plan.name);
-        let w = method
-            .dequantize(&p.plan, &p.tensors, &config)
+        // Converted where the plugin left it: a copy would cost as much as the weight.
+        let bytes = method
+            .dequantize_with(&p.plan, &p.tensors, &config, |w| from_f32(dtype, w))
             .map_err(|e| anyhow!("method `{}` cannot dequantize `{}`: {e}", method.info().name, p.plan.name))?;
-        writer.write(&format!("{}.weight", p.plan.name), &from_f32(dtype, &w))?;
+        writer.write(&format!("{}.weight", p.plan.name), &bytes)?;
         if let Some(b) = p.tensors.iter().find(|t| t.name == "bias") {
             writer.write(&format!("{}.bias", p.plan.name), &from_f32(dtype, &b.to_f32()))?;
         }
