@@ -1,6 +1,6 @@
 //! The opt-in GPTQ export (`export_format = "gptq"`): HQQ's fit stored in the GPTQ checkpoint
 //! layout (`quant_method` `gptq`, asymmetric, no act-order) that GPTQModel, transformers
-//! (through GPTQModel) and vLLM load; `scripts/check-gptqmodel.py` proves it with GPTQModel.
+//! (through GPTQModel) and vLLM load; `plugins/gptq/scripts/check-gptqmodel.py` proves it with GPTQModel.
 //!
 //! The layout, per converted Linear `P` (the bits of [`kvant_intpack`], shared with the `gptq`
 //! plugin): `P.qweight` I32 `[in*bits/32, out]`, `P.qzeros` I32 `[groups, out*bits/32]`,

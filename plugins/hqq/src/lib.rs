@@ -51,7 +51,7 @@
 //! method runs Marlin with float zeros; read from vLLM's source, not run here: it needs a GPU).
 //! `export_format = "gptq"` writes the GPTQ layout instead, which GPTQModel's kernels (CPU and
 //! GPU), transformers and vLLM's GPTQ kernels run at 2, 3, 4 and 8 bits ([`gptq`];
-//! `scripts/check-gptqmodel.py` loads it with GPTQModel). GPTQ's zero points are integers, and
+//! `plugins/gptq/scripts/check-gptqmodel.py` loads it with GPTQModel). GPTQ's zero points are integers, and
 //! with an integer zero HQQ has nothing left to fit: its update `round(mean(q - w s))` from
 //! round-to-nearest's start lands on that same zero (the rounding residuals average to about 0),
 //! so the export holds RTN's parameters in nearly every group. SmolLM2-135M, 4-bit g64, same

@@ -1,7 +1,7 @@
 //! The GPTQ export (`export_format = "gptq"`): options, `quantization_config`, and the bits read
 //! back by a decoder written here from the format's definition, one bit at a time. (The `gptq`
 //! plugin, which reads the checkpoint by its `quant_method`, cannot be linked beside this one:
-//! both export the plugin entry symbol. `scripts/check-gptqmodel.py` checks it through kvant.)
+//! both export the plugin entry symbol. `plugins/gptq/scripts/check-gptqmodel.py` checks it through kvant.)
 
 use kvant_hqq::Hqq;
 use kvant_plugin_api::dense::relative_error;

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Checks the hqq plugin's GPTQ export (`--set export_format=gptq`) against other readers of the format.
+"""Checks a GPTQ checkpoint kvant wrote against other readers of the format: the `gptq` method's
+output, or the hqq method's GPTQ export (`--set export_format=gptq`).
 
     check-gptqmodel.py OUT --text sotu-2000s.txt [--windows 8] [--ctx 512] [--kvant target/release/kvant]
 
 OUT comes from, e.g.:
 
+    kvant quantize .cache/kvant/smollm2-f32 --method gptq --calibration .cache/kvant/sotu-pre2000.txt -o OUT
     kvant quantize .cache/kvant/smollm2-f32 --method hqq --set nbits=4 --set group_size=64 \\
         --set export_format=gptq -o OUT
 
@@ -15,8 +17,8 @@ OUT comes from, e.g.:
    scores must match kvant's own evaluation of OUT.
 3. GPTQModel loads OUT with `backend=BACKEND.TORCH` on CPU; its logits must match step 2's and
    its perplexity is printed beside kvant's (the kernel computes in F16, hence the tolerances).
-   Only for gptq_v2, the default: GPTQModel 7.7 refuses asymmetric v1 checkpoints that another
-   tool wrote (its loader checks `meta.quantizer` for gptqmodel >= 0.9).
+   Skipped for asymmetric v1 checkpoints: GPTQModel 7.7 refuses those when another tool wrote
+   them (its loader checks `meta.quantizer` for gptqmodel >= 0.9); symmetric v1 and gptq_v2 load.
 
 Exits non-zero when a comparison fails. Needs numpy, safetensors, tokenizers, torch,
 transformers and gptqmodel: the shared venv /work/pyref/bin/python has them; elsewhere
@@ -108,7 +110,7 @@ def ppl(logits, ids):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", help="kvant's HQQ output written with export_format=gptq")
+    ap.add_argument("out", help="a GPTQ checkpoint written by kvant")
     ap.add_argument("--text", required=True)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=512)
@@ -122,9 +124,9 @@ def main():
     torch.set_num_threads(os.cpu_count() or 1)
     config = json.load(open(os.path.join(args.out, "config.json")))
     qc = config["quantization_config"]
-    assert qc["quant_method"] == "gptq" and qc["checkpoint_format"] in ("gptq", "gptq_v2") and not qc["sym"], qc
+    assert qc["quant_method"] == "gptq" and qc["checkpoint_format"] in ("gptq", "gptq_v2"), qc
     v1 = qc["checkpoint_format"] == "gptq"
-    assert any(q.startswith("kvant-hqq:") for q in qc["meta"]["quantizer"]), qc["meta"]
+    assert any(q.startswith("kvant-") for q in qc["meta"]["quantizer"]), qc["meta"]
     kvant = [args.kvant] + (["--registry", args.registry] if args.registry else [])
     failures = []
 
@@ -163,7 +165,7 @@ def main():
         failures.append(f"perplexities differ: {ref_ppl} vs {kvant_ppl}")
 
     # 3. GPTQModel's torch kernel (transformers loads GPTQ checkpoints through GPTQModel).
-    if v1:
+    if v1 and not qc["sym"]:
         print("[3] skipped: GPTQModel refuses asymmetric v1 checkpoints from other tools; write gptq_v2 to check it")
     else:
         from gptqmodel import BACKEND, GPTQModel
