@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
-"""kvant's `gptq` against GPTQModel on the same job, in one run: wall time and peak memory of
-each (end to end: process start to checkpoint written), their ratios, and each output's
-perplexity as `kvant eval` scores it (kvant reads GPTQModel's checkpoint too).
+"""kvant against GPTQModel on the same calibration job (`--method gptq`, or `awq`), in one run:
+wall time and peak memory of each (end to end: process start to checkpoint written), their
+ratios, and each output's perplexity as `kvant eval` scores it (kvant reads GPTQModel's
+checkpoints too).
 
-    bench-gptqmodel.py MODEL --calibration TEXT --eval TEXT [--samples 128] [--seq-len 512]
-        [--bits 4] [--group-size 128] [--asym] [--kvant target/release/kvant] [--work DIR]
-        [--skip-gptqmodel] [-- extra kvant quantize arguments]
+    bench-gptqmodel.py MODEL --calibration TEXT --eval TEXT [--method gptq|awq] [--samples 128]
+        [--seq-len 512] [--bits 4] [--group-size 128] [--asym] [--kvant target/release/kvant]
+        [--work DIR] [--skip-gptqmodel] [--gptqmodel-timeout S] [-- extra kvant quantize arguments]
+
+`--gptqmodel-timeout` stops GPTQModel after S seconds (its AWQ takes over half an hour on two
+cores) and reports its peak memory up to then, a lower bound of its whole run's.
 
 Both tools get the same calibration windows: the text is tokenized with MODEL's tokenizer.json
 and the windows are chosen with kvant's seeded shuffle (re-implemented below), then handed to
 GPTQModel as token ids. GPTQModel runs with `QuantizeConfig(bits, group_size, sym,
-desc_act=False, damp_percent=0.05)` on CPU in F32 with GPTQMODEL_CPU_WORKERS set to the core
+desc_act=False, damp_percent=0.05)` (AWQ: GEMM format, zero point) on CPU in F32 with GPTQMODEL_CPU_WORKERS set to the core
 count, as the issue measured it (266 s for 4-bit g128 on the 2-core box).
 
 Needs torch, transformers, tokenizers and gptqmodel (the shared venv /work/pyref/bin/python has
@@ -43,13 +47,20 @@ def kvant_windows(tokenizer_json, text, samples, seq_len, seed):
     return [ids[w * seq_len : (w + 1) * seq_len] for w in sorted(order[:samples])]
 
 
-def run_child(argv, env=None):
-    """Runs argv; returns (exit status, wall seconds, peak RSS in MiB) of that child alone."""
+def run_child(argv, env=None, timeout=None):
+    """Runs argv, killed after `timeout` seconds if given; returns (exit status or None when
+    killed, wall seconds, peak RSS in MiB) of that child alone."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    return os.waitstatus_to_exitcode(status), wall, usage.ru_maxrss / 1024
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG if timeout else 0)
+        if pid:
+            return os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss / 1024
+        if time.perf_counter() - start > timeout:
+            proc.kill()
+            _, _, usage = os.wait4(proc.pid, 0)
+            return None, time.perf_counter() - start, usage.ru_maxrss / 1024
+        time.sleep(0.5)
 
 
 def gptqmodel_worker(args):
@@ -59,7 +70,10 @@ def gptqmodel_worker(args):
 
     windows = json.load(open(args.windows_file))
     dataset = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
-    config = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=False, damp_percent=0.05)
+    if args.method == "awq":
+        config = QuantizeConfig(quant_method="awq", format="gemm", bits=args.bits, group_size=args.group_size, zero_point=True)
+    else:
+        config = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=False, damp_percent=0.05)
     model = GPTQModel.load(args.model, config, dtype=torch.float32, device="cpu")
     model.quantize(dataset, batch_size=1)
     model.save(args.out)
@@ -76,6 +90,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
     ap.add_argument("--calibration", required=True)
+    ap.add_argument("--method", choices=["gptq", "awq"], default="gptq")
+    ap.add_argument("--gptqmodel-timeout", type=float)
     ap.add_argument("--eval", required=True)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -97,16 +113,17 @@ def main():
     os.makedirs(args.work, exist_ok=True)
     kv_out, gm_out = os.path.join(args.work, "kvant"), os.path.join(args.work, "gptqmodel")
     cores = os.cpu_count()
-    print(f"job: {args.model}, {args.bits}-bit g{args.group_size} {'asym' if args.asym else 'sym'}, "
+    print(f"job: {args.method} on {args.model}, {args.bits}-bit g{args.group_size} {'asym' if args.asym else 'sym'}, "
           f"{args.samples} x {args.seq_len} calibration tokens, {cores} cores, load {os.getloadavg()[0]:.1f}")
 
     rows = []
-    kv_cmd = [args.kvant, "quantize", args.model, "--method", "gptq", "-o", kv_out, "--force", "-q",
+    kv_cmd = [args.kvant, "quantize", args.model, "--method", args.method, "-o", kv_out, "--force", "-q",
               "--calibration", args.calibration, "--calibration-samples", str(args.samples),
               "--calibration-seq-len", str(args.seq_len), "--seed", str(args.seed),
-              "--set", f"bits={args.bits}", "--set", f"group_size={args.group_size}",
-              "--set", f"sym={'false' if args.asym else 'true'}", "--set", "desc_act=false",
-              "--set", "damp_percent=0.05"] + extra
+              "--set", f"bits={args.bits}", "--set", f"group_size={args.group_size}"]
+    if args.method == "gptq":
+        kv_cmd += ["--set", f"sym={'false' if args.asym else 'true'}", "--set", "desc_act=false", "--set", "damp_percent=0.05"]
+    kv_cmd += extra
     code, wall, rss = run_child(kv_cmd)
     if code != 0:
         sys.exit(f"kvant failed ({code}): {' '.join(kv_cmd)}")
@@ -118,19 +135,23 @@ def main():
                   open(windows_file, "w"))
         env = dict(os.environ, GPTQMODEL_CPU_WORKERS=str(cores), CUDA_VISIBLE_DEVICES="")
         gm_cmd = [sys.executable, __file__, args.model, "--calibration", args.calibration, "--eval", args.eval,
-                  "--bits", str(args.bits), "--group-size", str(args.group_size), "--worker",
+                  "--method", args.method, "--bits", str(args.bits), "--group-size", str(args.group_size), "--worker",
                   "--windows-file", windows_file, "--out", gm_out] + (["--asym"] if args.asym else [])
-        code, wall, rss = run_child(gm_cmd, env)
-        if code != 0:
+        code, wall, rss = run_child(gm_cmd, env, args.gptqmodel_timeout)
+        if code is None:
+            rows.append(("GPTQModel", wall, rss, f"stopped after {wall:.0f} s"))
+        elif code != 0:
             sys.exit(f"GPTQModel failed ({code})")
-        rows.append(("GPTQModel", wall, rss, kvant_ppl(args.kvant, gm_out, args.eval)))
+        else:
+            rows.append(("GPTQModel", wall, rss, kvant_ppl(args.kvant, gm_out, args.eval)))
 
     print(f"{'':12} {'wall s':>8} {'peak RSS MiB':>13} {'PPL (kvant eval, 8 x 512)':>27}")
     for name, wall, rss, ppl in rows:
         ppl = f"{ppl:.4f}" if isinstance(ppl, float) else ppl
         print(f"{name:12} {wall:8.1f} {rss:13.0f} {ppl:>27}")
     if len(rows) == 2:
-        print(f"GPTQModel / kvant: time {rows[1][1] / rows[0][1]:.2f}x, peak memory {rows[1][2] / rows[0][2]:.2f}x")
+        at_least = "at least " if str(rows[1][3]).startswith("stopped") else ""
+        print(f"GPTQModel / kvant: time {at_least}{rows[1][1] / rows[0][1]:.2f}x, peak memory {at_least}{rows[1][2] / rows[0][2]:.2f}x")
 
 
 if __name__ == "__main__":
