@@ -149,9 +149,11 @@ impl QuantMethod for Gptq {
                     "clipping-grid search for group scales: error norm exponent (GPTQModel's mse); 0 disables",
                 ),
                 OptionSpec::choice("checkpoint_format", "gptq", &["gptq", "gptq_v2"], "gptq (v1, stores zero-1) or gptq_v2"),
+                // On by default: on SmolLM2 4-bit g128 it takes the perplexity from 28.96 to
+                // 28.32 for a few seconds.
                 OptionSpec::bool(
                     "refit_scales",
-                    false,
+                    true,
                     "kvant: after the solve, refit each row's group scales (codes fixed) to its least output error",
                 ),
                 OptionSpec::choice(
