@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -21,7 +22,7 @@ use crate::checkpoint::{split_module_name, Checkpoint, CheckpointWriter, WriterO
 use crate::progress::Bar;
 use crate::resume::{self, Journal};
 use crate::watchdog;
-use crate::model::{LlamaConfig, LlamaModel};
+use crate::model::{DeferredLinear, LinearOp, LlamaConfig, LlamaModel};
 use crate::registry::{Method, Registry};
 use crate::requirements;
 
@@ -390,9 +391,16 @@ fn quantize_once(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeR
         let tokens = calibration_tokens(&tokenizer, spec)?;
         let llama = LlamaConfig::from_json(checkpoint.config())
             .with_context(|| format!("{}: calibration runs the model, and its config.json is not supported", req.model.display()))?;
-        let mut model = LlamaModel::load(llama, &checkpoint, &mut |_| Ok(None))?;
-        let need = skeleton.modules.iter().flat_map(|m| &m.tensors).map(|t| t.numel() as u64 * 4).sum::<u64>()
-            + activation_bytes(&model, spec.n_samples * spec.seq_len);
+        // Linears read their weights only if they run (see DeferredLinear): memory holds the
+        // embedding, about one block and the activations, not the model.
+        let source = Arc::new(Checkpoint::open(&req.model)?);
+        let mut model = LlamaModel::load(llama, &checkpoint, &mut |name| {
+            Ok(Some(Box::new(DeferredLinear::new(source.clone(), name)?) as Box<dyn LinearOp>))
+        })?;
+        let f32_bytes = |prefix: &str| {
+            skeleton.modules.iter().filter(|m| m.name.starts_with(prefix)).flat_map(|m| &m.tensors).map(|t| t.numel() as u64 * 4).sum::<u64>()
+        };
+        let need = f32_bytes("model.embed_tokens") + 2 * f32_bytes("model.layers.0.") + activation_bytes(&model, spec.n_samples * spec.seq_len);
         let have = available_memory();
         log::info!("calibration holds about {:.1} GiB ({:.1} GiB available)", need as f64 / GIB, have as f64 / GIB);
         if have > 0 && need > have {

@@ -1,8 +1,11 @@
 //! Linear layers behind one trait, so a model can mix dense and quantized (plugin) layers.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
+
+use super::TensorSource;
+use crate::checkpoint::Checkpoint;
 
 /// A linear layer `y = x W^T + b`.
 ///
@@ -70,6 +73,55 @@ impl LinearOp for DenseLinear {
             }
         }
         Ok(y)
+    }
+
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+}
+
+/// A dense Linear whose weights are read from a checkpoint only when it first runs.
+///
+/// Calibration builds its model from these: each planned Linear is swapped for its quantized
+/// version before it ever runs, so its F32 weights are never held; the ones that do run (full
+/// precision passes, modules kept dense) hold theirs until swapped out, about one block at a
+/// time.
+pub struct DeferredLinear {
+    source: Arc<Checkpoint>,
+    name: String,
+    out_features: usize,
+    in_features: usize,
+    dense: OnceLock<DenseLinear>,
+}
+
+impl DeferredLinear {
+    /// The Linear `name` (`{name}.weight`, optional `{name}.bias`) of `source`.
+    pub fn new(source: Arc<Checkpoint>, name: &str) -> Result<DeferredLinear> {
+        let weight = format!("{name}.weight");
+        let shape = source.shape(&weight).with_context(|| format!("missing tensor `{weight}`"))?;
+        let [out_features, in_features] = shape[..] else { bail!("tensor `{weight}` has shape {shape:?}, not a matrix") };
+        Ok(DeferredLinear { source, name: name.to_string(), out_features, in_features, dense: OnceLock::new() })
+    }
+
+    fn dense(&self) -> Result<&DenseLinear> {
+        if let Some(d) = self.dense.get() {
+            return Ok(d);
+        }
+        let weight = self.source.tensor_f32(&format!("{}.weight", self.name))?;
+        let bias_name = format!("{}.bias", self.name);
+        let bias = self.source.shape(&bias_name).map(|_| self.source.tensor_f32(&bias_name)).transpose()?;
+        let d = DenseLinear::new(weight.into(), bias, self.out_features, self.in_features)?;
+        Ok(self.dense.get_or_init(|| d))
+    }
+}
+
+impl LinearOp for DeferredLinear {
+    fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        self.dense()?.forward(x, rows)
     }
 
     fn in_features(&self) -> usize {

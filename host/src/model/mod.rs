@@ -12,7 +12,7 @@ use anyhow::{ensure, Result};
 use crate::checkpoint::Checkpoint;
 
 pub use config::{LlamaConfig, RopeScaling};
-pub use linear::{matmul_transb, DenseLinear, LinearOp};
+pub use linear::{matmul_transb, DeferredLinear, DenseLinear, LinearOp};
 pub use llama::{GroupEvent, GroupHook, LinearFactory, LlamaModel, BLOCK_LINEARS, INPUT_GROUPS};
 pub(crate) use ops::{max, sum_exp, sum_exp_times_diff};
 

@@ -377,3 +377,24 @@ fn load_reports_wrong_shapes_and_bad_tokens() {
     let model = LlamaModel::load(c.clone(), &tiny_source(&c, false, false), &mut |_| Ok(None)).unwrap();
     assert!(model.forward(&[1, 2, 50], 1, 3).is_err());
 }
+
+/// A deferred Linear computes what the dense one does, reading its weights (and bias) from the
+/// checkpoint when it first runs; a missing weight is an error at construction.
+#[test]
+fn deferred_linear_equals_dense_and_needs_its_weight() {
+    use kvant_plugin_api::Tensor;
+    let dir = tempfile::tempdir().unwrap();
+    let w: Vec<f32> = (0..6 * 4).map(|i| i as f32 / 7.0 - 1.0).collect();
+    let b = [0.5f32, -1.0, 2.0, 0.0, 1.0, 3.0];
+    let tensors = [Tensor::f32("lin.weight", [6, 4], &w), Tensor::f32("lin.bias", [6], &b)];
+    crate::checkpoint::save_dense(dir.path().join("m"), &tensors, &json!({})).unwrap();
+    let ckpt = Arc::new(Checkpoint::open(dir.path().join("m")).unwrap());
+    let deferred = DeferredLinear::new(ckpt.clone(), "lin").unwrap();
+    assert_eq!((deferred.out_features(), deferred.in_features()), (6, 4));
+    let dense = DenseLinear::new(w.into(), Some(b.to_vec()), 6, 4).unwrap();
+    let x: Vec<f32> = (0..3 * 4).map(|i| (i % 5) as f32 - 2.0).collect();
+    assert_eq!(deferred.forward(&x, 3).unwrap(), dense.forward(&x, 3).unwrap());
+    assert_eq!(deferred.forward(&x, 3).unwrap(), dense.forward(&x, 3).unwrap());
+    let err = DeferredLinear::new(ckpt, "other").err().unwrap();
+    assert!(format!("{err:#}").contains("other.weight"), "{err:#}");
+}
