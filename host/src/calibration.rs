@@ -105,9 +105,11 @@ pub fn calibration_tokens(tokenizer_json: &Path, spec: &CalibrationSpec) -> Resu
     let ids = ids.get_ids();
     let available = ids.len() / spec.seq_len;
     if available < spec.n_samples {
+        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         bail!(
-            "the calibration text gives {} tokens: {available} windows of {}, but {} are needed; add text or lower \
+            "the calibration text ({}) gives {} tokens: {available} windows of {}, but {} are needed; add text or lower \
              --calibration-samples / --calibration-seq-len",
+            names.join(", "),
             ids.len(),
             spec.seq_len,
             spec.n_samples
