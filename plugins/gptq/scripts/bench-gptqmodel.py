@@ -14,7 +14,8 @@ cores) and reports its peak memory up to then, a lower bound of its whole run's.
 Both tools get the same calibration windows: the text is tokenized with MODEL's tokenizer.json
 and the windows are chosen with kvant's seeded shuffle (re-implemented below), then handed to
 GPTQModel as token ids. GPTQModel runs with `QuantizeConfig(bits, group_size, sym,
-desc_act=False, damp_percent=0.05)` (AWQ: GEMM format, zero point) on CPU in F32 with GPTQMODEL_CPU_WORKERS set to the core
+desc_act=False, damp_percent=0.05)` on CPU in F32 (AWQ: GEMM format, zero point, in BF16, as
+its AWQ kernels refuse F32) with GPTQMODEL_CPU_WORKERS set to the core
 count, as the issue measured it (266 s for 4-bit g128 on the 2-core box).
 
 Needs torch, transformers, tokenizers and gptqmodel (the shared venv /work/pyref/bin/python has
@@ -74,7 +75,9 @@ def gptqmodel_worker(args):
         config = QuantizeConfig(quant_method="awq", format="gemm", bits=args.bits, group_size=args.group_size, zero_point=True)
     else:
         config = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=False, damp_percent=0.05)
-    model = GPTQModel.load(args.model, config, dtype=torch.float32, device="cpu")
+    # GPTQModel's AWQ kernels refuse float32 (only float16/bfloat16); its GPTQ runs in F32.
+    dtype = torch.bfloat16 if args.method == "awq" else torch.float32
+    model = GPTQModel.load(args.model, config, dtype=dtype, device="cpu")
     model.quantize(dataset, batch_size=1)
     model.save(args.out)
 
