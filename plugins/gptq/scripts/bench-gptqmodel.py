@@ -130,7 +130,7 @@ def main():
     code, wall, rss = run_child(kv_cmd)
     if code != 0:
         sys.exit(f"kvant failed ({code}): {' '.join(kv_cmd)}")
-    rows.append(("kvant gptq", wall, rss, kvant_ppl(args.kvant, kv_out, args.eval)))
+    rows.append((f"kvant {args.method}", wall, rss, kvant_ppl(args.kvant, kv_out, args.eval)))
 
     if not args.skip_gptqmodel:
         windows_file = os.path.join(args.work, "windows.json")
