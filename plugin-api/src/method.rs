@@ -343,6 +343,10 @@ pub trait QuantMethod: Send + Sync + 'static {
     fn plan_linear(&self, module: &Module, config: &Config) -> Result<Option<ModulePlan>>;
 
     /// Starts calibration state for one planned module (calibration methods only).
+    ///
+    /// Linears that read the same input (q/k/v, gate/up) share one observer: the host creates
+    /// it for the group's first planned member, feeds it the input once, and passes it to
+    /// `quantize` of every member. An observer's state must therefore depend on the input only.
     fn new_observer(&self, module: &ModulePlan, _config: &Config) -> Result<Self::Observer> {
         Err(Error::new(format!("module `{}`: this method takes no calibration", module.name)))
     }
