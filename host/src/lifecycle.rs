@@ -274,7 +274,8 @@ pub fn quantize(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeRe
 
 fn quantize_once(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeReport> {
     let started = Instant::now();
-    let checkpoint = Checkpoint::open(&req.model)?;
+    // Shared with the calibration model's deferred Linears, which read their weights from it.
+    let checkpoint = Arc::new(Checkpoint::open(&req.model)?);
 
     // 1. The method: the checkpoint's own wins over --method.
     if let Some((method, _)) = checkpoint_method(registry, &checkpoint)? {
@@ -393,9 +394,8 @@ fn quantize_once(registry: &Registry, req: &QuantizeRequest) -> Result<QuantizeR
             .with_context(|| format!("{}: calibration runs the model, and its config.json is not supported", req.model.display()))?;
         // Linears read their weights only if they run (see DeferredLinear): memory holds the
         // embedding, about one block and the activations, not the model.
-        let source = Arc::new(Checkpoint::open(&req.model)?);
-        let mut model = LlamaModel::load(llama, &checkpoint, &mut |name| {
-            Ok(Some(Box::new(DeferredLinear::new(source.clone(), name)?) as Box<dyn LinearOp>))
+        let mut model = LlamaModel::load(llama, checkpoint.as_ref(), &mut |name| {
+            Ok(Some(Box::new(DeferredLinear::new(checkpoint.clone(), name)?) as Box<dyn LinearOp>))
         })?;
         let f32_bytes = |prefix: &str| {
             skeleton.modules.iter().filter(|m| m.name.starts_with(prefix)).flat_map(|m| &m.tensors).map(|t| t.numel() as u64 * 4).sum::<u64>()

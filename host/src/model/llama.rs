@@ -249,6 +249,8 @@ impl LlamaModel {
         let rows_of = |(w, n): (usize, usize)| w * seq * width..(w + n) * seq * width;
 
         let mut swapped: Vec<(usize, Box<dyn LinearOp>)> = Vec::new();
+        // Inputs computed only to be shown to a hook (the normed states) are skipped without one.
+        let observed = hook.is_some();
         let mut tell = |group: usize, event: GroupEvent<'_>, swapped: &mut Vec<(usize, Box<dyn LinearOp>)>| -> Result<()> {
             let Some(hook) = hook.as_mut() else { return Ok(()) };
             let input = matches!(event, GroupEvent::Input { .. });
@@ -288,9 +290,11 @@ impl LlamaModel {
         };
 
         // q/k/v read the normed hidden state.
-        for &ch in &chunks {
-            let x = normed(&hidden[rows_of(ch)], &block.input_norm);
-            tell(0, GroupEvent::Input { x: &x, rows: ch.1 * seq }, &mut swapped)?;
+        if observed {
+            for &ch in &chunks {
+                let x = normed(&hidden[rows_of(ch)], &block.input_norm);
+                tell(0, GroupEvent::Input { x: &x, rows: ch.1 * seq }, &mut swapped)?;
+            }
         }
         tell(0, GroupEvent::Complete, &mut swapped)?;
         // o reads the attention output.
@@ -322,8 +326,10 @@ impl LlamaModel {
             let rows = ch.1 * seq;
             let h = &mut hidden[rows_of(ch)];
             add_in_place(h, &run(O, &a, rows, &swapped)?);
-            let x = normed(h, &block.post_attention_norm);
-            tell(2, GroupEvent::Input { x: &x, rows }, &mut swapped)?;
+            if observed {
+                let x = normed(h, &block.post_attention_norm);
+                tell(2, GroupEvent::Input { x: &x, rows }, &mut swapped)?;
+            }
         }
         tell(2, GroupEvent::Complete, &mut swapped)?;
         // down reads silu(gate) * up.
