@@ -13,6 +13,7 @@
 //! - with grouped-query attention (o_proj's scale cannot be folded into v_proj's shared rows)
 //!   the run reports the o_proj groups as unscaled, and leaves o_proj and v_proj's rows unscaled.
 
+#[allow(dead_code)]
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -4,6 +4,7 @@
 //! Material as in `eval_real_model.rs`: `<cache>/smollm2-f32` (or `$KVANT_TEST_HF_MODEL`) and the
 //! pre-2000 speeches `<cache>/sotu-pre2000.txt`; when missing the tests print why and pass.
 
+#[allow(dead_code)]
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -14,24 +15,9 @@ use kvant::eval::{evaluate, tokenize, EvalOptions};
 use kvant::packed::load_model;
 use kvant::registry::Registry;
 
-fn cache_dir() -> PathBuf {
-    match std::env::var_os("KVANT_CACHE") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/kvant"),
-    }
-}
-
+/// The model folder and the text, or `None` (with a message) when absent.
 fn material() -> Option<(PathBuf, PathBuf)> {
-    let cache = cache_dir();
-    let model = std::env::var_os("KVANT_TEST_HF_MODEL").map(PathBuf::from).unwrap_or_else(|| cache.join("smollm2-f32"));
-    let text = cache.join("sotu-pre2000.txt");
-    for needed in [model.join("model.safetensors"), model.join("tokenizer.json"), text.clone()] {
-        if !needed.is_file() {
-            eprintln!("skipping: {} is missing (see this test's header)", needed.display());
-            return None;
-        }
-    }
-    Some((model, text))
+    common::real_model_and_text("sotu-pre2000.txt")
 }
 
 /// `kvant quantize` with calibration; panics with kvant's output when it fails.

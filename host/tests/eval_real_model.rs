@@ -10,32 +10,17 @@
 //!
 //! When either is missing the tests print why and pass without checking anything.
 
+#[allow(dead_code)]
+mod common;
+
 use std::path::PathBuf;
 
 use kvant::eval::{evaluate, format_table, tokenize, EvalOptions};
 use kvant::model::LlamaModel;
 
-fn cache_dir() -> PathBuf {
-    match std::env::var_os("KVANT_CACHE") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/kvant"),
-    }
-}
-
-/// The model folder and the evaluation text, or `None` (with a message) when absent.
+/// The model folder and the text, or `None` (with a message) when absent.
 fn material() -> Option<(PathBuf, PathBuf)> {
-    let cache = cache_dir();
-    let model = std::env::var_os("KVANT_TEST_HF_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache.join("smollm2-f32"));
-    let text = cache.join("sotu-2000s.txt");
-    for needed in [model.join("model.safetensors"), model.join("tokenizer.json"), text.clone()] {
-        if !needed.is_file() {
-            eprintln!("skipping: {} is missing (see this test's header)", needed.display());
-            return None;
-        }
-    }
-    Some((model, text))
+    common::real_model_and_text("sotu-2000s.txt")
 }
 
 /// transformers' LlamaForCausalLM on the same folder, text and windows gives 21.98.

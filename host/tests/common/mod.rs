@@ -210,3 +210,20 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// The real SmolLM2 F32 folder (`$KVANT_TEST_HF_MODEL`, else `<cache>/smollm2-f32`) and the text
+/// `<cache>/{text}`, the cache being `$KVANT_CACHE`, else `<repo>/.cache/kvant` (filled by
+/// `scripts/fetch-test-material.sh` and `scripts/test.sh`); `None`, saying what is missing, when
+/// either is absent.
+pub fn real_model_and_text(text: &str) -> Option<(PathBuf, PathBuf)> {
+    let cache = std::env::var_os("KVANT_CACHE").map_or_else(|| repo_root().join(".cache/kvant"), PathBuf::from);
+    let model = std::env::var_os("KVANT_TEST_HF_MODEL").map_or_else(|| cache.join("smollm2-f32"), PathBuf::from);
+    let text = cache.join(text);
+    for needed in [model.join("model.safetensors"), model.join("tokenizer.json"), text.clone()] {
+        if !needed.is_file() {
+            eprintln!("skipping: {} is missing (see this test's header)", needed.display());
+            return None;
+        }
+    }
+    Some((model, text))
+}
