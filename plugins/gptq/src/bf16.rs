@@ -12,8 +12,10 @@ use rayon::prelude::*;
 const MR: usize = 8;
 /// Columns of `S` per tile: three vectors of 16.
 const NR: usize = 48;
-/// Input rows packed and multiplied at a time: their panels stay in the L2 cache.
-const ROWS_PER_PASS: usize = 512;
+/// Input rows packed and multiplied at a time. Fewer, longer passes mean fewer waits between
+/// the pool's threads; measured on 2 cores, 2048 beats 512 (the panels no longer fit L2,
+/// but the kernel streams them in order) and a whole 4096-row batch at once.
+const ROWS_PER_PASS: usize = 2048;
 
 /// True when this CPU can run [`add_xtx_lower`].
 pub fn available() -> bool {
@@ -34,9 +36,13 @@ pub fn add_xtx_lower(s: &mut [f32], n: usize, x: &[f32], rows: usize) {
     assert_eq!(s.len(), n * n);
     assert_eq!(x.len(), rows * n);
     let padded = n.div_ceil(NR) * NR;
+    // One buffer for every pass: the padding columns stay zero, the rest is rewritten.
+    let mut packed = vec![0u32; padded * ROWS_PER_PASS.min(rows).div_ceil(2)];
     for pass in x.chunks(ROWS_PER_PASS * n) {
         let pairs = (pass.len() / n).div_ceil(2);
-        let packed = pack(pass, n, pairs, padded);
+        let packed = &mut packed[..padded * pairs];
+        pack(pass, n, pairs, packed);
+        let packed = &*packed;
         s.par_chunks_mut(MR * n).enumerate().for_each(|(t, rows_of_s)| {
             let i0 = t * MR;
             let mut tile = [[0f32; NR]; MR];
@@ -47,7 +53,7 @@ pub fn add_xtx_lower(s: &mut [f32], n: usize, x: &[f32], rows: usize) {
                 // (i0 < n <= padded and j0 + NR <= padded).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    tile_kernel(&packed, pairs, i0, j0, &mut tile)
+                    tile_kernel(packed, pairs, i0, j0, &mut tile)
                 };
                 for (m, row) in tile.iter().enumerate().take((n - i0).min(MR)) {
                     let dst = &mut rows_of_s[m * n + j0..m * n + (j0 + NR).min(n)];
@@ -60,51 +66,46 @@ pub fn add_xtx_lower(s: &mut [f32], n: usize, x: &[f32], rows: usize) {
 }
 
 /// Packs `pairs` row pairs of `x` (`n` columns; an odd last row is paired with zeros) into
-/// panels of 16 columns: word `(c / 16) * pairs * 16 + rp * 16 + c % 16`. Columns up to
-/// `padded` are zero.
-fn pack(x: &[f32], n: usize, pairs: usize, padded: usize) -> Vec<u32> {
-    let rows = x.len() / n;
-    let mut out = vec![0u32; padded * pairs];
+/// `out`, in panels of 16 columns: word `(c / 16) * pairs * 16 + rp * 16 + c % 16`. Words of
+/// columns past `n` are left as they are (zero).
+fn pack(x: &[f32], n: usize, pairs: usize, out: &mut [u32]) {
     out.par_chunks_mut(16 * pairs).enumerate().for_each(|(panel, words)| {
-        let c0 = panel * 16;
-        if c0 >= n {
-            return;
-        }
-        let width = (n - c0).min(16);
-        for (rp, dst) in words.chunks_exact_mut(16).enumerate() {
-            let lo = &x[2 * rp * n + c0..2 * rp * n + c0 + width];
-            let hi = (2 * rp + 1 < rows).then(|| &x[(2 * rp + 1) * n + c0..(2 * rp + 1) * n + c0 + width]);
+        if panel * 16 < n {
             // SAFETY: `pack` runs only where `available()` holds (AVX-512F).
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                pack_pair_avx512(lo, hi, dst)
+                pack_panel_avx512(x, n, panel * 16, words)
             };
         }
     });
-    out
 }
 
-/// Up to 16 words `bf16(lo[c]) | bf16(hi[c]) << 16` into `dst` (hi missing: zeros), rounding
-/// to nearest even, sixteen at a time: packing one scalar at a time was a third of the
-/// observer's time.
+/// Packs the columns `c0..c0 + 16` (those below `n`) of every row pair of `x` into `words`
+/// (`16` per pair): `bf16(x[2rp][c]) | bf16(x[2rp + 1][c]) << 16`, rounded to nearest even,
+/// sixteen at a time (one scalar at a time was a third of the observer's time).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn pack_pair_avx512(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32]) {
+unsafe fn pack_panel_avx512(x: &[f32], n: usize, c0: usize, words: &mut [u32]) {
     use std::arch::x86_64::*;
-    debug_assert!(lo.len() <= 16 && dst.len() == 16 && hi.is_none_or(|h| h.len() == lo.len()));
-    let mask: __mmask16 = if lo.len() == 16 { 0xFFFF } else { (1u16 << lo.len()) - 1 };
-    // bits + 0x7FFF + ((bits >> 16) & 1): the top half is then the rounded BF16.
-    let round = |v: __m512i| {
-        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(v), _mm512_set1_epi32(1));
-        _mm512_add_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(0x7FFF)), odd)
-    };
-    let l = round(_mm512_maskz_loadu_epi32(mask, lo.as_ptr() as *const i32));
-    let h = match hi {
-        Some(hi) => round(_mm512_maskz_loadu_epi32(mask, hi.as_ptr() as *const i32)),
-        None => _mm512_setzero_si512(),
-    };
-    let words = _mm512_or_si512(_mm512_srli_epi32::<16>(l), _mm512_and_si512(h, _mm512_set1_epi32(0xFFFF_0000u32 as i32)));
-    _mm512_storeu_si512(dst.as_mut_ptr() as *mut __m512i, words);
+    let rows = x.len() / n;
+    let width = (n - c0).min(16);
+    let mask: __mmask16 = if width == 16 { 0xFFFF } else { (1u16 << width) - 1 };
+    let (half, one, top) = (_mm512_set1_epi32(0x7FFF), _mm512_set1_epi32(1), _mm512_set1_epi32(0xFFFF_0000u32 as i32));
+    for (rp, dst) in words.chunks_exact_mut(16).enumerate() {
+        let r = 2 * rp;
+        // Plain statements, no closure: intrinsics must inline into this target_feature body.
+        // bits + 0x7FFF + ((bits >> 16) & 1): the top half is then the rounded BF16.
+        let lo = _mm512_maskz_loadu_epi32(mask, x.as_ptr().add(r * n + c0) as *const i32);
+        let lo = _mm512_add_epi32(_mm512_add_epi32(lo, half), _mm512_and_si512(_mm512_srli_epi32::<16>(lo), one));
+        let hi = if r + 1 < rows {
+            let hi = _mm512_maskz_loadu_epi32(mask, x.as_ptr().add((r + 1) * n + c0) as *const i32);
+            _mm512_add_epi32(_mm512_add_epi32(hi, half), _mm512_and_si512(_mm512_srli_epi32::<16>(hi), one))
+        } else {
+            _mm512_setzero_si512()
+        };
+        let packed = _mm512_or_si512(_mm512_srli_epi32::<16>(lo), _mm512_and_si512(hi, top));
+        _mm512_storeu_si512(dst.as_mut_ptr() as *mut __m512i, packed);
+    }
 }
 
 /// `tile[m][l] = sum over row pairs of S-contributions for (i0 + m, j0 + l)`.
@@ -155,7 +156,8 @@ fn to_bf16(v: f32) -> u32 {
         let (n, rows) = (37usize, 5usize);
         let x: Vec<f32> = (0..n * rows).map(|k| f32::from_bits((k as u32).wrapping_mul(2_654_435_761) & 0xBFFF_FFFF) * 1e-3).collect();
         let (pairs, padded) = (rows.div_ceil(2), 48);
-        let words = pack(&x, n, pairs, padded);
+        let mut words = vec![0u32; padded * pairs];
+        pack(&x, n, pairs, &mut words);
         for c in 0..padded {
             for rp in 0..pairs {
                 let at = |r: usize| if c < n && r < rows { to_bf16(x[r * n + c]) } else { 0 };
