@@ -173,13 +173,10 @@ pub fn quantize_calibrated(
             // it runs, so later groups see inputs made by quantized ones and the block's output
             // (the next block's input) comes through quantized layers.
             let mut hook = |block: usize, group: &[usize], event: GroupEvent<'_>| -> Result<Vec<(usize, Box<dyn LinearOp>)>> {
-                if let Some((members, observer)) = feed(method, config, plan, &mut current, block, group, event)? {
-                    return members
-                        .iter()
-                        .map(|&(j, m)| Ok((j, quantize_member(checkpoint, method, config, bar, m, &observer, bf16, emit)?)))
-                        .collect();
+                match feed(method, config, plan, &mut current, block, group, event)? {
+                    Some((members, observer)) => quantize_members(checkpoint, method, config, bar, &members, &observer, bf16, emit),
+                    None => Ok(Vec::new()),
                 }
-                Ok(Vec::new())
             };
             model.forward_block_with(block, &mut hidden, n_samples, seq_len, &mut hook)?;
         } else {
@@ -192,8 +189,8 @@ pub fn quantize_calibrated(
             };
             model.forward_block_with(block, &mut hidden.clone(), n_samples, seq_len, &mut hook)?;
             for (members, observer) in observed {
-                for (_, m) in members {
-                    let op = quantize_member(checkpoint, method, config, bar, m, &observer, bf16, emit)?;
+                for (j, op) in quantize_members(checkpoint, method, config, bar, &members, &observer, bf16, emit)? {
+                    let (_, m) = members.iter().find(|(k, _)| *k == j).expect("a member's index");
                     model.replace_linear(&m.name, op)?;
                 }
             }
@@ -247,35 +244,51 @@ fn feed<'p, 'm>(
     }
 }
 
-/// Quantizes one planned module from its checkpoint weights and its group's observer, writes it,
-/// and returns the Linear later calibration forwards run it as: its packed form, or with
-/// `bf16`, its dequantized weights in BF16.
+/// Quantizes the planned members of a group (index, plan) from their checkpoint weights and
+/// the group's observer, in one call so the method can share work between them; writes them,
+/// and returns the Linears later calibration forwards run them as: their packed form, or with
+/// `bf16`, their dequantized weights in BF16.
 #[allow(clippy::too_many_arguments)]
-fn quantize_member(
+fn quantize_members(
     checkpoint: &Checkpoint,
     method: &Arc<MethodClient>,
     config: &Config,
     bar: &Bar,
-    m: &ModulePlan,
+    members: &[(usize, &ModulePlan)],
     observer: &ObserverHandle<'_>,
     bf16: bool,
     emit: &mut Emit,
-) -> Result<Box<dyn LinearOp>> {
-    bar.step(&m.name);
-    let views = module_views(checkpoint, &m.name)?;
-    let q = quantize_one(method, config, m, &views, observer)?;
-    if !bf16 {
-        return finish_module(method, config, bar, m, q, &views, emit);
+) -> Result<Vec<(usize, Box<dyn LinearOp>)>> {
+    let name = &method.info().name;
+    let plans: Vec<&ModulePlan> = members.iter().map(|(_, m)| *m).collect();
+    for m in &plans {
+        bar.step(&m.name);
     }
-    let tensors: Vec<TensorView<'_>> = q.tensors.iter().map(Tensor::view).collect();
-    let bias = tensors.iter().find(|t| t.name == "bias").map(TensorView::to_f32);
-    let (out, inp) = m.shape;
-    let linear = method
-        .dequantize_with(m, &tensors, config, |w| Bf16Linear::new(w, bias, out, inp))
-        .map_err(|e| anyhow!("method `{}` dequantizing `{}`: {e}", method.info().name, m.name))??;
-    drop(tensors);
-    finish_module(method, config, bar, m, q, &views, emit)?;
-    Ok(Box::new(linear))
+    let views: Vec<Vec<TensorView<'_>>> = plans.iter().map(|m| module_views(checkpoint, &m.name)).collect::<Result<_>>()?;
+    let observers = vec![Some(observer); plans.len()];
+    let results = method
+        .quantize_group(&plans, &views, &observers, config)
+        .map_err(|e| anyhow!("method `{name}` failed on the group of `{}`: {e}", plans[0].name))?;
+    let mut linears = Vec::with_capacity(members.len());
+    for ((&(j, m), q), views) in members.iter().zip(results).zip(&views) {
+        check_against_plan(m, &q.tensors).with_context(|| format!("method `{name}` returned bad tensors"))?;
+        ensure!(q.input_scale.is_none(), "method `{name}` returned an input scale for `{}`, which this plan cannot fold", m.name);
+        let op = if bf16 {
+            let tensors: Vec<TensorView<'_>> = q.tensors.iter().map(Tensor::view).collect();
+            let bias = tensors.iter().find(|t| t.name == "bias").map(TensorView::to_f32);
+            let (out, inp) = m.shape;
+            let linear = method
+                .dequantize_with(m, &tensors, config, |w| Bf16Linear::new(w, bias, out, inp))
+                .map_err(|e| anyhow!("method `{name}` dequantizing `{}`: {e}", m.name))??;
+            drop(tensors);
+            finish_module(method, config, bar, m, q, views, emit)?;
+            Box::new(linear) as Box<dyn LinearOp>
+        } else {
+            finish_module(method, config, bar, m, q, views, emit)?
+        };
+        linears.push((j, op));
+    }
+    Ok(linears)
 }
 
 /// Reports and writes one quantized module and returns its packed Linear; `reference` is the

@@ -688,7 +688,6 @@ impl MethodClient {
     }
 
     /// [`QuantMethod::quantize_group`]: `members[i]` with its `tensors[i]` and `observers[i]`.
-    /// Only for plans with `fold_input_scales` (a plugin older than contract 1.1 lacks it).
     pub fn quantize_group(
         &self,
         members: &[&ModulePlan],

@@ -358,10 +358,12 @@ pub trait QuantMethod: Send + Sync + 'static {
         -> Result<Quantized>;
 
     /// Quantizes a group of modules that read the same input (q/k/v, gate/up, or one Linear
-    /// behind a foldable producer), for plans with [`Plan::fold_input_scales`]. `members` are
-    /// in execution order; `observers[i]` is member `i`'s calibration state, and members that
-    /// share an input may be given the same observer. Returns one [`Quantized`] per member, in
-    /// order, each with the group's `input_scale` when the method scaled the inputs.
+    /// behind a foldable producer). Calibration quantizes every group through this, so a
+    /// method can share work between members (GPTQ factors their Hessian once) or run them side
+    /// by side. `members` are in execution order; `observers[i]` is member `i`'s calibration
+    /// state, and members that share an input may be given the same observer. Returns one
+    /// [`Quantized`] per member, in order; only for plans with [`Plan::fold_input_scales`] may
+    /// each carry the group's `input_scale`, when the method scaled the inputs.
     ///
     /// The default calls [`quantize`](Self::quantize) for each member and returns no scale.
     fn quantize_group(

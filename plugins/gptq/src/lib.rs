@@ -28,7 +28,7 @@ use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
 pub use hessian::HessianObserver;
-pub use solve::{gptq, GptqOutput, GptqParams};
+pub use solve::{gptq, solve, Factored, GptqOutput, GptqParams};
 
 /// The `gptq` method.
 pub struct Gptq;
@@ -218,26 +218,60 @@ impl QuantMethod for Gptq {
     }
 
     fn quantize(&self, weights: &ModuleTensors<'_>, observer: Option<&HessianObserver>, config: &Config) -> Result<Quantized> {
-        let name = &weights.plan.name;
-        let (out, inp) = weights.plan.shape;
-        let observer =
-            observer.ok_or_else(|| Error::new(format!("module `{name}`: GPTQ needs calibration data, and none was observed")))?;
-        let w = weights.get("weight")?.as_f32();
-        let h = if observer.rows() == 0 {
-            // Never reached by the calibration data (an unused expert): plain rounding is all
-            // that can be done, which GPTQ with an identity Hessian is.
-            log::warn!("module `{name}` saw no calibration rows; quantizing it without error compensation");
-            (0..inp * inp).map(|k| if k % (inp + 1) == 0 { 1.0 } else { 0.0 }).collect()
-        } else {
-            observer.hessian()
-        };
-        let p = params(config);
-        let solved = gptq(name, &w, (out, inp), h, observer.rows(), &p)?;
-        let mut tensors = pack(&solved, out, inp, p.bits, v1(config));
-        if let Some(b) = weights.find("bias") {
-            tensors.push(Tensor::from_f32_as("bias", DType::F16, [out], &b.to_f32()));
+        let mut one = self.quantize_group(std::slice::from_ref(weights), &[observer], config)?;
+        Ok(one.remove(0))
+    }
+
+    /// Members that share an observer (q/k/v, gate/up) share one factorization of its Hessian,
+    /// and the members are solved side by side (each solve alone leaves cores idle).
+    fn quantize_group(
+        &self,
+        members: &[ModuleTensors<'_>],
+        observers: &[Option<&HessianObserver>],
+        config: &Config,
+    ) -> Result<Vec<Quantized>> {
+        if members.len() != observers.len() {
+            return Err(Error::new(format!("{} group members but {} observers", members.len(), observers.len())));
         }
-        Ok(Quantized { tensors, loss: Some(solved.loss), input_scale: None })
+        let p = params(config);
+        let mut factored: Vec<(&HessianObserver, Factored)> = Vec::new();
+        for (m, observer) in members.iter().zip(observers) {
+            let name = &m.plan.name;
+            let observer = observer
+                .ok_or_else(|| Error::new(format!("module `{name}`: GPTQ needs calibration data, and none was observed")))?;
+            if factored.iter().any(|(o, _)| std::ptr::eq(*o, observer)) {
+                continue;
+            }
+            let inp = m.plan.shape.1;
+            let h = if observer.rows() == 0 {
+                // Never reached by the calibration data (an unused expert): plain rounding is
+                // all that can be done, which GPTQ with an identity Hessian is.
+                log::warn!("module `{name}` saw no calibration rows; quantizing it without error compensation");
+                (0..inp * inp).map(|k| if k % (inp + 1) == 0 { 1.0 } else { 0.0 }).collect()
+            } else {
+                observer.hessian()
+            };
+            factored.push((observer, Factored::new(name, h, inp, &p)?));
+        }
+        members
+            .par_iter()
+            .zip(observers)
+            .map(|(m, observer)| {
+                let (name, (out, inp)) = (&m.plan.name, m.plan.shape);
+                let observer = observer.expect("checked above");
+                let (_, f) = factored.iter().find(|(o, _)| std::ptr::eq(*o, observer)).expect("factored above");
+                if f.inputs() != inp {
+                    return Err(Error::new(format!("module `{name}` has {inp} inputs, its observer saw {}", f.inputs())));
+                }
+                let w = m.get("weight")?.as_f32();
+                let solved = solve(name, &w, (out, inp), f, observer.rows(), &p);
+                let mut tensors = pack(&solved, out, inp, p.bits, v1(config));
+                if let Some(b) = m.find("bias") {
+                    tensors.push(Tensor::from_f32_as("bias", DType::F16, [out], &b.to_f32()));
+                }
+                Ok(Quantized { tensors, loss: Some(solved.loss), input_scale: None })
+            })
+            .collect()
     }
 
     fn process_model_after_weight_loading(&self, _summary: &Summary, config: &Config) -> Result<Map<String, Value>> {

@@ -285,40 +285,79 @@ fn pow_approx(x: f32, p: f32) -> f32 {
     e_a * f32::from_bits(((n + 127) as u32) << 23)
 }
 
+/// What a solve needs from a Hessian, computed once for every Linear that reads the same input:
+/// the Hessian with dead inputs patched, the column order, and the upper Cholesky factor of
+/// the dampened inverse in that order.
+pub struct Factored {
+    inp: usize,
+    /// The Hessian (dead inputs' diagonal set to 1), kept only for `refit_scales`.
+    h: Vec<f64>,
+    /// Inputs that never fired: their weights are zeroed.
+    dead: Vec<usize>,
+    /// Processing order of the input columns.
+    perm: Vec<usize>,
+    /// `U`, in the processing order.
+    u: Vec<f32>,
+    /// The dampening that made the Hessian factorizable.
+    damp: f64,
+}
+
+impl Factored {
+    /// Prepares the Hessian `h` (full symmetric `inp x inp`, F64) of the input of the Linears
+    /// `name` names (it labels warnings and errors).
+    pub fn new(name: &str, mut h: Vec<f64>, inp: usize, p: &GptqParams) -> Result<Factored> {
+        assert_eq!(h.len(), inp * inp);
+        if h.iter().any(|v| !v.is_finite()) {
+            return Err(Error::new(format!("module `{name}`: the Hessian contains NaN or infinity")));
+        }
+        // Inputs that never fire carry no information: the reference zeroes their weights and
+        // puts 1 on their diagonal so the factorization goes through.
+        let dead: Vec<usize> = (0..inp).filter(|&i| h[i * inp + i] == 0.0).collect();
+        for &i in &dead {
+            h[i * inp + i] = 1.0;
+        }
+        let mut perm: Vec<usize> = (0..inp).collect();
+        if p.desc_act {
+            // Stable, so ties keep their original order.
+            perm.sort_by(|&a, &b| h[b * inp + b].total_cmp(&h[a * inp + a]));
+        }
+        let hp: Vec<f64> = (0..inp * inp).map(|idx| h[perm[idx / inp] * inp + perm[idx % inp]]).collect();
+        let h = if p.refit_scales { h } else { Vec::new() };
+        let (u, damp) = damped_inverse_factor(name, hp, inp, p)?;
+        let u = u.into_iter().map(|v| v as f32).collect();
+        Ok(Factored { inp, h, dead, perm, u, damp })
+    }
+
+    /// The width of the Hessian: the input features of the Linears it serves.
+    pub fn inputs(&self) -> usize {
+        self.inp
+    }
+}
+
 /// Runs GPTQ on `w` (row-major `[out, inp]`) with the Hessian `h` (full symmetric `inp x inp`,
 /// F64) from `nsamples` input rows. `name` labels warnings, errors and progress.
-pub fn gptq(name: &str, w: &[f32], (out, inp): (usize, usize), mut h: Vec<f64>, nsamples: u64, p: &GptqParams) -> Result<GptqOutput> {
+pub fn gptq(name: &str, w: &[f32], (out, inp): (usize, usize), h: Vec<f64>, nsamples: u64, p: &GptqParams) -> Result<GptqOutput> {
+    let factored = Factored::new(name, h, inp, p)?;
+    Ok(solve(name, w, (out, inp), &factored, nsamples, p))
+}
+
+/// Runs GPTQ on `w` (row-major `[out, inp]`) with a factored Hessian from `nsamples` input
+/// rows (see [`gptq`]); `p` must be the settings `factored` was made with.
+pub fn solve(name: &str, w: &[f32], (out, inp): (usize, usize), factored: &Factored, nsamples: u64, p: &GptqParams) -> GptqOutput {
     assert_eq!(w.len(), out * inp);
-    assert_eq!(h.len(), inp * inp);
-    if h.iter().any(|v| !v.is_finite()) {
-        return Err(Error::new(format!("module `{name}`: the Hessian contains NaN or infinity")));
-    }
+    assert_eq!(factored.inp, inp);
+    let Factored { h, dead, perm, u, damp, .. } = factored;
     let mut w = w.to_vec();
-    // Inputs that never fire carry no information: the reference zeroes their weights and puts
-    // 1 on their diagonal so the factorization goes through.
-    for i in 0..inp {
-        if h[i * inp + i] == 0.0 {
-            h[i * inp + i] = 1.0;
-            for o in 0..out {
-                w[o * inp + i] = 0.0;
-            }
+    for &i in dead {
+        for o in 0..out {
+            w[o * inp + i] = 0.0;
         }
     }
     let gs = if p.group_size <= 0 { inp } else { (p.group_size as usize).min(inp) };
     let groups = inp.div_ceil(gs);
     // Per-row parameters, and groups fixed from the original weights, are found up front.
     let fixed = p.group_size <= 0 || p.static_groups;
-    let mut perm: Vec<usize> = (0..inp).collect();
-    if p.desc_act {
-        // Stable, so ties keep their original order.
-        perm.sort_by(|&a, &b| h[b * inp + b].total_cmp(&h[a * inp + a]));
-    }
     let (fixed_scales, fixed_zeros) = if fixed { fixed_params(&w, out, inp, gs, groups, p) } else { (vec![], vec![]) };
-
-    let hp: Vec<f64> = (0..inp * inp).map(|idx| h[perm[idx / inp] * inp + perm[idx % inp]]).collect();
-    let h = if p.refit_scales { h } else { Vec::new() };
-    let (u, damp) = damped_inverse_factor(name, hp, inp, p)?;
-    let u: Vec<f32> = u.into_iter().map(|v| v as f32).collect();
 
     let block = BLOCK;
     let threads = rayon::current_num_threads().max(1);
@@ -400,7 +439,7 @@ pub fn gptq(name: &str, w: &[f32], (out, inp): (usize, usize), mut h: Vec<f64>, 
                     }
                 }
                 // Lazy update of every later column: W[i2.., :] -= U[i1..i2, i2..]^T E.
-                let lhs = Operand { data: &u, offset: i1 * inp + i2, rs: 1, cs: inp };
+                let lhs = Operand { data: u, offset: i1 * inp + i2, rs: 1, cs: inp };
                 let rhs = Operand::rows(&err, 0, rows);
                 matmul((inp - i2, rows, i2 - i1), &mut wc, (i2 * rows, rows), lhs, rhs, (1.0, -1.0), true, false);
                 report();
@@ -431,11 +470,11 @@ pub fn gptq(name: &str, w: &[f32], (out, inp): (usize, usize), mut h: Vec<f64>, 
         // Dynamic groups follow the processing order; fixed ones the original column order.
         g_idx[col] = if fixed { (col / gs) as i32 } else { (j / gs) as i32 };
     }
-    let mut solved = GptqOutput { codes, scales, zeros, g_idx, loss: loss / nsamples.max(1) as f64, damp_percent: damp };
+    let mut solved = GptqOutput { codes, scales, zeros, g_idx, loss: loss / nsamples.max(1) as f64, damp_percent: *damp };
     if p.refit_scales {
-        refit_scales(&w, &h, damp, (out, inp), &mut solved);
+        refit_scales(&w, h, *damp, (out, inp), &mut solved);
     }
-    Ok(solved)
+    solved
 }
 
 /// Refits the scales of `solved` (codes and zero points fixed) so that each output row's

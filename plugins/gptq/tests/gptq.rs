@@ -333,3 +333,34 @@ fn weight_error_stays_within_the_declared_tolerance_with_little_calibration() {
         assert!(err < method.info().tolerance as f64, "{out}x{inp}: {err}");
     }
 }
+
+/// Members sharing an observer (q/k/v) are quantized in one group call, with one factorization
+/// of their Hessian: the results equal one `quantize` call per member, and members that
+/// cannot share the observer are refused by name.
+#[test]
+fn a_group_equals_its_members_one_by_one() {
+    let method = Gptq;
+    let c = config(&method, json!({"desc_act": true}));
+    let inp = 128;
+    let x = activations(400, inp, 31);
+    let shapes = [(64usize, inp), (32, inp), (32, inp)];
+    let plans: Vec<_> = shapes.iter().map(|&(out, inp)| method.plan_linear(&module(out, inp, false), &c).unwrap().unwrap()).collect();
+    let mut obs = method.new_observer(&plans[0], &c).unwrap();
+    obs.observe(&x, 400).unwrap();
+    let weights: Vec<Tensor> = shapes.iter().enumerate().map(|(k, &(out, inp))| Tensor::f32("weight", [out, inp], &normal(out * inp, 40 + k as u64))).collect();
+    let views: Vec<[TensorView<'_>; 1]> = weights.iter().map(|w| [w.view()]).collect();
+    let members: Vec<ModuleTensors<'_>> = plans.iter().zip(&views).map(|(plan, v)| ModuleTensors { plan, tensors: v }).collect();
+    let grouped = method.quantize_group(&members, &[Some(&obs); 3], &c).unwrap();
+    for (m, g) in members.iter().zip(&grouped) {
+        let alone = method.quantize(m, Some(&obs), &c).unwrap();
+        assert_eq!(alone.tensors, g.tensors);
+        assert_eq!(alone.loss, g.loss);
+    }
+
+    let wide = method.plan_linear(&module(32, 2 * inp, false), &c).unwrap().unwrap();
+    let w = Tensor::f32("weight", [32, 2 * inp], &normal(64 * inp, 50));
+    let v = [w.view()];
+    let mixed = [ModuleTensors { plan: &plans[0], tensors: &views[0] }, ModuleTensors { plan: &wide, tensors: &v }];
+    let err = method.quantize_group(&mixed, &[Some(&obs); 2], &c).unwrap_err();
+    assert!(err.0.contains("up_proj") && err.0.contains("256 inputs"), "{}", err.0);
+}
