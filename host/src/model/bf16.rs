@@ -86,8 +86,10 @@ impl LinearOp for Bf16Linear {
     fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let (inp, out, pairs) = (self.in_features, self.out_features, self.pairs);
         ensure!(x.len() == rows * inp, "linear input has {} values, expected {rows} rows x {inp}", x.len());
-        let mut y = vec![0f32; rows * out];
-        y.par_chunks_mut(ROWS_PER_TASK * out).enumerate().for_each(|(task, y)| {
+        // Every output is written once by a tile store: no zeroing of the (large) result first,
+        // which would be one core's memset.
+        let mut y: Vec<f32> = Vec::with_capacity(rows * out);
+        y.spare_capacity_mut()[..rows * out].par_chunks_mut(ROWS_PER_TASK * out).enumerate().for_each(|(task, y)| {
             let r0 = task * ROWS_PER_TASK;
             let n = y.len() / out;
             // The task's rows in BF16, padded to whole tiles and an even width with zeros.
@@ -96,27 +98,23 @@ impl LinearOp for Bf16Linear {
                 let src = &x[(r0 + r) * inp..(r0 + r + 1) * inp];
                 xb[r * 2 * pairs..r * 2 * pairs + inp].iter_mut().zip(src).for_each(|(d, &v)| *d = to_bf16(v));
             }
-            let mut tile = [[0f32; NR]; MR];
             for o0 in (0..out).step_by(NR) {
+                let bias = self.bias.as_ref().map(|b| &b[o0..(o0 + NR).min(out)]);
                 for m0 in (0..n).step_by(MR) {
+                    let tile = Tile { y: &mut y[m0 * out..], stride: out, col: o0, rows: (n - m0).min(MR), cols: (out - o0).min(NR), bias };
                     // SAFETY: `available()` was checked at construction; `xb` holds MR whole rows
-                    // of 2 * pairs values from m0, and the panels from o0 / 16 hold PANELS
-                    // panels of `pairs * 16` words (outputs are padded to whole tiles).
+                    // of 2 * pairs values from m0, the panels from o0 / 16 hold PANELS panels
+                    // of `pairs * 16` words (outputs are padded to whole tiles), and `tile`
+                    // covers rows and columns that exist in `y`.
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        tile_kernel(&xb[m0 * 2 * pairs..], &self.panels[o0 / 16 * 16 * pairs..], pairs, &mut tile)
+                        tile_kernel(&xb[m0 * 2 * pairs..], &self.panels[o0 / 16 * 16 * pairs..], pairs, tile)
                     };
-                    for (m, t) in tile.iter().enumerate().take(n - m0) {
-                        let w = (out - o0).min(NR);
-                        let dst = &mut y[(m0 + m) * out + o0..(m0 + m) * out + o0 + w];
-                        match &self.bias {
-                            Some(b) => dst.iter_mut().zip(&t[..w]).zip(&b[o0..o0 + w]).for_each(|((d, v), b)| *d = v + b),
-                            None => dst.copy_from_slice(&t[..w]),
-                        }
-                    }
                 }
             }
         });
+        // SAFETY: the tiles above wrote every one of the rows * out values.
+        unsafe { y.set_len(rows * out) };
         Ok(y)
     }
 
@@ -129,13 +127,25 @@ impl LinearOp for Bf16Linear {
     }
 }
 
-/// `tile[m][l]` = the dot product of input row `m` (BF16 pairs from `x`) with output `l` of
-/// the `PANELS` panels starting at `w`.
+/// Where a kernel tile lands: `rows x cols` values at column `col` of the rows of `y` (row
+/// length `stride`), plus `bias` (the tile's `cols` values) when given.
+struct Tile<'a> {
+    y: &'a mut [std::mem::MaybeUninit<f32>],
+    stride: usize,
+    col: usize,
+    rows: usize,
+    cols: usize,
+    bias: Option<&'a [f32]>,
+}
+
+/// Writes into `tile` the dot products of its input rows (BF16 pairs from `x`, MR rows) with
+/// its outputs (the `PANELS` panels starting at `w`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn tile_kernel(x: &[u16], w: &[u32], pairs: usize, tile: &mut [[f32; NR]; MR]) {
+unsafe fn tile_kernel(x: &[u16], w: &[u32], pairs: usize, tile: Tile<'_>) {
     use std::arch::x86_64::*;
     debug_assert!(x.len() >= MR * 2 * pairs && w.len() >= PANELS * 16 * pairs);
+    debug_assert!(tile.rows <= MR && tile.cols <= NR && tile.y.len() >= (tile.rows - 1) * tile.stride + tile.col + tile.cols);
     let a = x.as_ptr() as *const u32;
     let b = w.as_ptr();
     let stride = 16 * pairs;
@@ -152,9 +162,19 @@ unsafe fn tile_kernel(x: &[u16], w: &[u32], pairs: usize, tile: &mut [[f32; NR];
             acc_m[2] = _mm512_dpbf16_ps(acc_m[2], av, b2);
         }
     }
-    for (m, acc_m) in acc.iter().enumerate() {
-        for (v, acc_v) in acc_m.iter().enumerate() {
-            _mm512_storeu_ps(tile[m].as_mut_ptr().add(16 * v), *acc_v);
+    let y = tile.y.as_mut_ptr() as *mut f32;
+    for v in 0..PANELS {
+        let cols = tile.cols.saturating_sub(16 * v).min(16);
+        if cols == 0 {
+            break;
+        }
+        let mask: __mmask16 = if cols == 16 { 0xFFFF } else { (1u16 << cols) - 1 };
+        let bias = match tile.bias {
+            Some(b) => _mm512_maskz_loadu_ps(mask, b.as_ptr().add(16 * v)),
+            None => _mm512_setzero_ps(),
+        };
+        for (m, acc_m) in acc.iter().enumerate().take(tile.rows) {
+            _mm512_mask_storeu_ps(y.add(m * tile.stride + tile.col + 16 * v), mask, _mm512_add_ps(acc_m[v], bias));
         }
     }
 }

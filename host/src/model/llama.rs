@@ -284,7 +284,9 @@ impl LlamaModel {
             Ok(y)
         };
         let normed = |h: &[f32], weight: &[f32]| {
-            let mut x = h.to_vec();
+            // A parallel copy: `to_vec` would be one core's memcpy of the whole chunk.
+            let mut x = Vec::new();
+            h.par_iter().copied().collect_into_vec(&mut x);
             rms_norm(&mut x, weight, c.rms_norm_eps);
             x
         };

@@ -311,17 +311,19 @@ pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f3
             out
         })
         .collect();
+    // Heads back into rows, one window per task.
     let mut y = vec![0f32; s.batch * seq * qw];
-    for (task, out) in per_group.iter().enumerate() {
-        let (b, g) = (task / s.kv_heads, task % s.kv_heads);
-        for j in 0..group {
-            let h = g * group + j;
-            for t in 0..seq {
-                let dst = (b * seq + t) * qw + h * hd;
-                y[dst..dst + hd].copy_from_slice(&out[(j * seq + t) * hd..][..hd]);
+    y.par_chunks_mut(seq * qw).enumerate().for_each(|(b, y)| {
+        for g in 0..s.kv_heads {
+            let out = &per_group[b * s.kv_heads + g];
+            for j in 0..group {
+                let h = g * group + j;
+                for t in 0..seq {
+                    y[t * qw + h * hd..][..hd].copy_from_slice(&out[(j * seq + t) * hd..][..hd]);
+                }
             }
         }
-    }
+    });
     y
 }
 
