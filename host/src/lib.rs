@@ -1,4 +1,5 @@
 //! kvant host: plugin registry, checkpoint I/O, the quantization lifecycle, evaluation.
+pub mod allocator;
 pub mod checkpoint;
 pub mod gguf;
 pub mod gguf_tokenizer;

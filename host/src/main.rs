@@ -202,6 +202,7 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 }
 
 fn main() -> ExitCode {
+    kvant::allocator::tune();
     let cli = Cli::parse();
     init_logging(&cli.global);
     match run(cli) {
